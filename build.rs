@@ -1,0 +1,4 @@
+fn main() {
+    // sqlx::migrate! embeds the files; a new migration must trigger a rebuild.
+    println!("cargo:rerun-if-changed=migrations");
+}

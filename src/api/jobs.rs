@@ -1,0 +1,382 @@
+//! `/v1/jobs` handlers.
+//!
+//! Every write follows one order, under the job's lock: disarm in the scheduler (after which
+//! no fire of the old definition is in flight) → write the database → arm what the database
+//! now holds. A failed write re-arms what was there before.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::extract::JsonBody;
+use super::{ApiError, ApiState};
+use crate::clock::{fmt_ms, now_ms};
+use crate::job::{self, Callback, Job, JobInput, RetryPolicy, StoredSpec, ValidJob};
+use crate::store::{ExecutionRecord, JobRecord, PutOutcome};
+
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+#[derive(Serialize)]
+pub struct JobView {
+    id: String,
+    schedule: String,
+    timezone: String,
+    callback: Callback,
+    payload: Box<RawValue>,
+    retry: RetryPolicy,
+    paused: bool,
+    owner: String,
+    next_fire_at: Option<String>,
+    last_fire_at: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl JobView {
+    fn new(rec: JobRecord, owner: &str) -> Result<Self, ApiError> {
+        let spec: StoredSpec = serde_json::from_str(&rec.spec).map_err(|e| {
+            ApiError::Internal(format!("job {} has an unreadable spec: {e}", rec.id))
+        })?;
+        Ok(JobView {
+            id: rec.id,
+            schedule: spec.schedule,
+            timezone: spec.timezone,
+            callback: spec.callback,
+            payload: spec.payload,
+            retry: spec.retry,
+            paused: rec.paused,
+            owner: owner.to_string(),
+            next_fire_at: rec.next_fire_at.map(fmt_ms),
+            last_fire_at: rec.last_fire_at.map(fmt_ms),
+            created_at: fmt_ms(rec.created_at),
+            updated_at: fmt_ms(rec.updated_at),
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct ExecutionView {
+    /// The execution's id within its job: its scheduled time in unix ms.
+    id: String,
+    job_id: String,
+    scheduled_at: String,
+    fired_at: String,
+    node: String,
+    attempts: u32,
+    status: &'static str,
+    manual: bool,
+    next_attempt_at: Option<String>,
+    last_error: Option<String>,
+    response_status: Option<u16>,
+}
+
+impl From<ExecutionRecord> for ExecutionView {
+    fn from(e: ExecutionRecord) -> Self {
+        ExecutionView {
+            id: e.scheduled_at.to_string(),
+            job_id: e.job_id,
+            scheduled_at: fmt_ms(e.scheduled_at),
+            fired_at: fmt_ms(e.fired_at),
+            node: e.node,
+            attempts: e.attempts,
+            status: e.status.as_str(),
+            manual: e.manual,
+            next_attempt_at: e.next_attempt_at.map(fmt_ms),
+            last_error: e.last_error,
+            response_status: e.response_status,
+        }
+    }
+}
+
+fn check_path_id(id: &str) -> Result<(), ApiError> {
+    job::validate_id("id", id).map_err(ApiError::from)
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("job {id:?} does not exist"))
+}
+
+fn record_of(v: &ValidJob, now: i64) -> Result<(JobRecord, Arc<Job>), ApiError> {
+    let spec = serde_json::to_string(&v.spec)
+        .map_err(|e| ApiError::Internal(format!("cannot encode job: {e}")))?;
+    let slot = job::slot_of(&v.id);
+    let job = Arc::new(Job::new(
+        &v.id,
+        slot,
+        v.schedule.clone(),
+        v.spec.target(),
+        v.paused,
+        now,
+    ));
+    let rec = JobRecord {
+        id: v.id.clone(),
+        slot,
+        spec,
+        paused: v.paused,
+        active_since: now,
+        last_fire_at: None,
+        next_fire_at: job.first_due(now),
+        created_at: now,
+        updated_at: now,
+    };
+    Ok((rec, job))
+}
+
+pub async fn put(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    JsonBody(input): JsonBody<JobInput>,
+) -> Result<Response, ApiError> {
+    check_path_id(&id)?;
+    let now = now_ms();
+    let valid = input.validate(Some(&id), job::generate_id, now)?;
+    let (rec, job) = record_of(&valid, now)?;
+    let _guard = state.lock(&id).await;
+    let previous = state.scheduler.disarm(&id).await?;
+    let outcome = match state.store.put_job(&rec).await {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some((job, due)) = previous {
+                state.scheduler.arm(job, due).await?;
+            }
+            return Err(e.into());
+        }
+    };
+    let due = rec.next_fire_at;
+    state.scheduler.arm(job, due).await?;
+    let stored = state
+        .store
+        .get_job(&id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    let status = match outcome {
+        PutOutcome::Created => StatusCode::CREATED,
+        PutOutcome::Replaced => StatusCode::OK,
+    };
+    Ok((status, Json(JobView::new(stored, &state.node_id)?)).into_response())
+}
+
+pub async fn create(
+    State(state): State<ApiState>,
+    JsonBody(input): JsonBody<JobInput>,
+) -> Result<Response, ApiError> {
+    let now = now_ms();
+    let valid = input.validate(None, job::generate_id, now)?;
+    let (rec, job) = record_of(&valid, now)?;
+    let _guard = state.lock(&rec.id).await;
+    match state.store.insert_job(&rec).await {
+        Ok(()) => {}
+        Err(crate::store::StoreError::Conflict) => {
+            return Err(ApiError::Conflict(format!(
+                "job {:?} already exists; use PUT /v1/jobs/{} to replace it",
+                rec.id, rec.id
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    state.scheduler.arm(job, rec.next_fire_at).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(JobView::new(rec, &state.node_id)?),
+    )
+        .into_response())
+}
+
+pub async fn get(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    check_path_id(&id)?;
+    let rec = state
+        .store
+        .get_job(&id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(JobView::new(rec, &state.node_id)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct JobList {
+    jobs: Vec<JobView>,
+    next_cursor: Option<String>,
+}
+
+fn parse_limit(raw: Option<&str>, default: u32) -> Result<u32, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(s) => match s.parse::<u32>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+            _ => Err(ApiError::Invalid(job::FieldError::new(
+                "limit",
+                format!("{s:?} is not a number from 1 to {MAX_PAGE}"),
+            ))),
+        },
+    }
+}
+
+pub async fn list(
+    State(state): State<ApiState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<JobList>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = parse_limit(q.limit.as_deref(), DEFAULT_PAGE)?;
+    let cursor = q.cursor.filter(|c| !c.is_empty());
+    if let Some(c) = &cursor {
+        job::validate_id("cursor", c)?;
+    }
+    let records = state.store.list_jobs(cursor.as_deref(), limit).await?;
+    let next_cursor = (records.len() == limit as usize)
+        .then(|| records.last().map(|r| r.id.clone()))
+        .flatten();
+    let jobs = records
+        .into_iter()
+        .map(|r| JobView::new(r, &state.node_id))
+        .collect::<Result<_, _>>()?;
+    Ok(Json(JobList { jobs, next_cursor }))
+}
+
+pub async fn delete(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    check_path_id(&id)?;
+    let _guard = state.lock(&id).await;
+    let previous = state.scheduler.disarm(&id).await?;
+    match state.store.delete_job(&id).await {
+        Ok(true) => Ok(StatusCode::NO_CONTENT),
+        Ok(false) => Err(not_found(&id)),
+        Err(e) => {
+            if let Some((job, due)) = previous {
+                state.scheduler.arm(job, due).await?;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TriggerView {
+    job_id: String,
+    execution_id: String,
+    scheduled_at: String,
+    fired_at: String,
+}
+
+pub async fn trigger(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_path_id(&id)?;
+    let _guard = state.lock(&id).await;
+    let rec = state
+        .store
+        .get_job(&id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    let job = stored_job(&rec)?;
+    let t = state.scheduler.trigger(job).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(TriggerView {
+            job_id: id,
+            execution_id: t.scheduled_at.to_string(),
+            scheduled_at: fmt_ms(t.scheduled_at),
+            fired_at: fmt_ms(t.fired_at),
+        }),
+    )
+        .into_response())
+}
+
+fn stored_job(rec: &JobRecord) -> Result<Arc<Job>, ApiError> {
+    Job::from_stored(&rec.id, rec.slot, &rec.spec, rec.paused, rec.active_since)
+        .map(Arc::new)
+        .map_err(|e| ApiError::Internal(format!("job {}: {e}", rec.id)))
+}
+
+pub async fn pause(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    set_paused(state, id, true).await
+}
+
+pub async fn resume(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    set_paused(state, id, false).await
+}
+
+async fn set_paused(state: ApiState, id: String, paused: bool) -> Result<Json<JobView>, ApiError> {
+    check_path_id(&id)?;
+    let _guard = state.lock(&id).await;
+    let rec = state
+        .store
+        .get_job(&id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    if rec.paused == paused {
+        // Already so: resuming a running job must not restart its `@every` period.
+        return Ok(Json(JobView::new(rec, &state.node_id)?));
+    }
+    let now = now_ms();
+    let mut job = Job::from_stored(&rec.id, rec.slot, &rec.spec, paused, now)
+        .map_err(|e| ApiError::Internal(format!("job {id}: {e}")))?;
+    job.paused = paused;
+    let job = Arc::new(job);
+    let due = job.first_due(now);
+    let previous = state.scheduler.disarm(&id).await?;
+    let updated = match state.store.set_paused(&id, paused, now, due).await {
+        Ok(Some(rec)) => rec,
+        Ok(None) => return Err(not_found(&id)),
+        Err(e) => {
+            if let Some((job, due)) = previous {
+                state.scheduler.arm(job, due).await?;
+            }
+            return Err(e.into());
+        }
+    };
+    state.scheduler.arm(job, due).await?;
+    Ok(Json(JobView::new(updated, &state.node_id)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecQuery {
+    limit: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct ExecList {
+    executions: Vec<ExecutionView>,
+}
+
+pub async fn executions(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<ExecQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ExecList>, ApiError> {
+    check_path_id(&id)?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = parse_limit(q.limit.as_deref(), 20)?;
+    if state.store.get_job(&id).await?.is_none() {
+        return Err(not_found(&id));
+    }
+    let list = state.store.list_executions(&id, limit).await?;
+    Ok(Json(ExecList {
+        executions: list.into_iter().map(ExecutionView::from).collect(),
+    }))
+}

@@ -1,0 +1,125 @@
+//! The REST API (`/v1`), health, readiness and metrics, on one axum router.
+
+mod error;
+mod extract;
+mod jobs;
+pub(crate) mod system;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderValue, Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post, put};
+
+pub use error::ApiError;
+pub use system::{MAX_PREVIEW, preview_times};
+
+use crate::scheduler::SchedulerHandle;
+use crate::store::Store;
+
+/// Stripes of the per-job write lock: writes to one job are serialized (disarm → write →
+/// arm must not interleave with another write of the same job); writes to different jobs
+/// rarely share a stripe.
+const LOCK_STRIPES: usize = 1024;
+
+/// Shared by all handlers; every field is cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    node_id: Arc<str>,
+    http_addr: Arc<str>,
+    store: Store,
+    scheduler: SchedulerHandle,
+    api_token: Option<Arc<str>>,
+    ready: Arc<AtomicBool>,
+    locks: Arc<[tokio::sync::Mutex<()>]>,
+}
+
+pub struct ApiConfig {
+    pub node_id: String,
+    pub http_addr: String,
+    pub api_token: Option<String>,
+}
+
+impl ApiState {
+    pub fn new(config: ApiConfig, store: Store, scheduler: SchedulerHandle) -> Self {
+        ApiState {
+            node_id: config.node_id.into(),
+            http_addr: config.http_addr.into(),
+            store,
+            scheduler,
+            api_token: config.api_token.map(Into::into),
+            ready: Arc::new(AtomicBool::new(false)),
+            locks: (0..LOCK_STRIPES).map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// Owned jobs are loaded: `/v1` and `/readyz` start answering.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    async fn lock(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let stripe = crate::job::slot_of(id) as usize % LOCK_STRIPES;
+        self.locks[stripe].lock().await
+    }
+}
+
+pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+    let v1 = Router::new()
+        .route("/jobs", post(jobs::create).get(jobs::list))
+        .route(
+            "/jobs/{id}",
+            put(jobs::put).get(jobs::get).delete(jobs::delete),
+        )
+        .route("/jobs/{id}/trigger", post(jobs::trigger))
+        .route("/jobs/{id}/pause", post(jobs::pause))
+        .route("/jobs/{id}/resume", post(jobs::resume))
+        .route("/jobs/{id}/executions", get(jobs::executions))
+        .route("/cluster", get(system::cluster))
+        .route("/schedule/preview", get(system::preview))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            extract::require_ready,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            extract::require_token,
+        ));
+    let node_header = HeaderValue::from_str(&state.node_id).ok();
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(system::healthz))
+        .route("/readyz", get(system::readyz))
+        .route("/metrics", get(system::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::Extension(extract::BodyLimit(max_body_bytes)))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            let node_header = node_header.clone();
+            async move {
+                let mut resp: Response = next.run(req).await;
+                if let Some(v) = node_header {
+                    resp.headers_mut().insert("x-chime-node", v);
+                }
+                resp
+            }
+        }))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}

@@ -1,0 +1,619 @@
+//! Jobs as the API receives them and as the rest of chime uses them. No I/O here.
+//!
+//! [`JobInput`] is the untrusted request body; [`JobInput::validate`] turns it into a
+//! [`ValidJob`] or a [`FieldError`] naming the first bad field. Every field is checked here,
+//! before anything is stored, so bad input never reaches the store or the scheduler.
+
+use std::collections::BTreeMap;
+use std::hash::Hasher;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::schedule::{Schedule, parse_timezone};
+
+/// Jobs are spread over this many fixed slots; a slot is the unit of ownership in a cluster
+/// (the ring maps slots to nodes, and rows carry their slot so gained slots load by index).
+/// Changing it changes every job's slot: it is part of the storage format.
+pub const SLOTS: u32 = 4096;
+
+pub const MAX_ID_LEN: usize = 128;
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+pub const MAX_TIMEOUT_MS: u64 = 300_000;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+pub const MAX_ATTEMPTS: u32 = 100;
+pub const DEFAULT_INITIAL_BACKOFF_MS: u64 = 1_000;
+pub const DEFAULT_MAX_BACKOFF_MS: u64 = 60_000;
+pub const MAX_BACKOFF_MS: u64 = 24 * 3_600_000;
+const MAX_HEADERS: usize = 64;
+const MAX_SECRET_LEN: usize = 256;
+
+/// Headers chime sets itself; a job may not override them.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+    "idempotency-key",
+    "x-chime-job-id",
+    "x-chime-scheduled-at",
+    "x-chime-attempt",
+    "x-chime-timestamp",
+    "x-chime-signature",
+];
+
+/// Stable slot of a job id: SipHash-2-4 with zero keys over the id's bytes. Never use std's
+/// `Hash` here: its encoding may change between Rust releases and the slot is stored.
+pub fn slot_of(id: &str) -> u32 {
+    let mut h = siphasher::sip::SipHasher24::new();
+    h.write(id.as_bytes());
+    (h.finish() % u64::from(SLOTS)) as u32
+}
+
+/// A bad field: the API answers 422 with `"<field>: <reason>"`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+pub fn validate_id(field: &str, id: &str) -> Result<(), FieldError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "must be 1-{MAX_ID_LEN} characters, got {}",
+                id.chars().count()
+            ),
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._:-".contains(*c)))
+    {
+        return Err(FieldError::new(
+            field,
+            format!("character {c:?} is not allowed; use A-Z a-z 0-9 . _ : -"),
+        ));
+    }
+    Ok(())
+}
+
+/// The request body of `PUT /v1/jobs/{id}` and `POST /v1/jobs`. Everything is optional here
+/// so that a missing field gets chime's own message (422 naming it), not serde's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobInput {
+    pub id: Option<String>,
+    pub schedule: Option<String>,
+    pub timezone: Option<String>,
+    pub callback: Option<CallbackInput>,
+    pub payload: Option<Box<RawValue>>,
+    pub retry: Option<RetryInput>,
+    pub paused: Option<bool>,
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackInput {
+    pub http: Option<HttpInput>,
+    pub grpc: Option<GrpcInput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpInput {
+    pub url: Option<String>,
+    pub method: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub timeout_ms: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcInput {
+    pub target: Option<String>,
+    pub timeout_ms: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryInput {
+    pub max_attempts: Option<i64>,
+    pub initial_backoff_ms: Option<i64>,
+    pub max_backoff_ms: Option<i64>,
+}
+
+/// Where and how a fire is delivered. One `Arc<Target>` is shared by a job and all of its
+/// fires in memory, and its JSON is the durable snapshot stored with each execution, so a
+/// retry after a crash sends exactly what the first attempt sent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Target {
+    pub callback: Callback,
+    pub payload: Box<RawValue>,
+    pub retry: RetryPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Callback {
+    Http(HttpCallback),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HttpCallback {
+    pub url: String,
+    pub method: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            initial_backoff_ms: DEFAULT_INITIAL_BACKOFF_MS,
+            max_backoff_ms: DEFAULT_MAX_BACKOFF_MS,
+        }
+    }
+}
+
+/// What is stored in `jobs.spec`: the definition without the columns the database
+/// queries on (id, slot, paused, times). Flat rather than `#[serde(flatten)]` over
+/// [`Target`]: flatten cannot carry a `RawValue` payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredSpec {
+    pub schedule: String,
+    pub timezone: String,
+    pub callback: Callback,
+    pub payload: Box<RawValue>,
+    pub retry: RetryPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl StoredSpec {
+    pub fn target(&self) -> Target {
+        Target {
+            callback: self.callback.clone(),
+            payload: self.payload.clone(),
+            retry: self.retry,
+            secret: self.secret.clone(),
+        }
+    }
+}
+
+/// A job that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidJob {
+    pub id: String,
+    pub schedule: Schedule,
+    pub paused: bool,
+    pub spec: StoredSpec,
+}
+
+impl JobInput {
+    /// Checks every field. `path_id` is the id from the URL (PUT); `generated_id` is used when
+    /// neither the URL nor the body has one (POST). `now_ms` decides whether `@at` is past.
+    pub fn validate(
+        self,
+        path_id: Option<&str>,
+        generated_id: impl FnOnce() -> String,
+        now_ms: i64,
+    ) -> Result<ValidJob, FieldError> {
+        let id = match (path_id, self.id) {
+            (Some(p), Some(b)) if p != b => {
+                return Err(FieldError::new(
+                    "id",
+                    format!("body id {b:?} does not match the id {p:?} in the path"),
+                ));
+            }
+            (Some(p), _) => p.to_string(),
+            (None, Some(b)) => b,
+            (None, None) => generated_id(),
+        };
+        validate_id("id", &id)?;
+
+        let tz_name = self.timezone.unwrap_or_else(|| "UTC".into());
+        let tz =
+            parse_timezone(&tz_name).map_err(|e| FieldError::new("timezone", e.to_string()))?;
+        let expr = self
+            .schedule
+            .ok_or_else(|| FieldError::new("schedule", "is required"))?;
+        let schedule =
+            Schedule::parse(&expr, tz).map_err(|e| FieldError::new("schedule", e.to_string()))?;
+        if schedule.next_after(now_ms, now_ms).is_none() {
+            let reason = if schedule.is_one_shot() {
+                "the @at time is in the past"
+            } else {
+                "the expression never matches a future time"
+            };
+            return Err(FieldError::new("schedule", reason));
+        }
+
+        let callback = validate_callback(
+            self.callback
+                .ok_or_else(|| FieldError::new("callback", "is required (http)"))?,
+        )?;
+        let retry = validate_retry(self.retry)?;
+        let secret = match self.secret {
+            Some(s) if s.is_empty() || s.len() > MAX_SECRET_LEN => {
+                return Err(FieldError::new(
+                    "secret",
+                    format!("must be 1-{MAX_SECRET_LEN} bytes"),
+                ));
+            }
+            other => other,
+        };
+        let payload = self
+            .payload
+            .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is valid json"));
+
+        Ok(ValidJob {
+            id,
+            paused: self.paused.unwrap_or(false),
+            spec: StoredSpec {
+                schedule: schedule.source().to_string(),
+                timezone: tz_name,
+                callback,
+                payload,
+                retry,
+                secret,
+            },
+            schedule,
+        })
+    }
+}
+
+fn validate_callback(input: CallbackInput) -> Result<Callback, FieldError> {
+    match (input.http, input.grpc) {
+        (Some(_), Some(_)) => Err(FieldError::new(
+            "callback",
+            "give exactly one of http or grpc, not both",
+        )),
+        (None, None) => Err(FieldError::new(
+            "callback",
+            "give exactly one of http or grpc",
+        )),
+        (None, Some(_)) => Err(FieldError::new(
+            "callback.grpc",
+            "gRPC callbacks are not available in this version yet; use http",
+        )),
+        (Some(http), None) => validate_http(http).map(Callback::Http),
+    }
+}
+
+fn validate_http(input: HttpInput) -> Result<HttpCallback, FieldError> {
+    let raw = input
+        .url
+        .ok_or_else(|| FieldError::new("callback.http.url", "is required"))?;
+    let url = reqwest::Url::parse(&raw)
+        .map_err(|e| FieldError::new("callback.http.url", format!("{raw:?} is not a URL: {e}")))?;
+    match url.scheme() {
+        "http" | "https" => {}
+        "consul" => {
+            return Err(FieldError::new(
+                "callback.http.url",
+                "consul:// targets are not available in this version yet",
+            ));
+        }
+        other => {
+            return Err(FieldError::new(
+                "callback.http.url",
+                format!("scheme {other:?} is not supported; use http or https"),
+            ));
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(FieldError::new("callback.http.url", "has no host"));
+    }
+    let method = input.method.unwrap_or_else(|| "POST".into()).to_uppercase();
+    if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
+        return Err(FieldError::new(
+            "callback.http.method",
+            format!("{method:?} is not one of GET, POST, PUT, PATCH, DELETE"),
+        ));
+    }
+    let headers = input.headers.unwrap_or_default();
+    if headers.len() > MAX_HEADERS {
+        return Err(FieldError::new(
+            "callback.http.headers",
+            format!("at most {MAX_HEADERS} headers"),
+        ));
+    }
+    for (name, value) in &headers {
+        let field = format!("callback.http.headers.{name}");
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(FieldError::new(field, "is not a valid header name"));
+        }
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(FieldError::new(
+                field,
+                "is set by chime and cannot be overridden",
+            ));
+        }
+        if http::HeaderValue::from_str(value).is_err() {
+            return Err(FieldError::new(
+                field,
+                "value must be visible ASCII without control characters",
+            ));
+        }
+    }
+    let timeout_ms = bounded(
+        "callback.http.timeout_ms",
+        input.timeout_ms,
+        DEFAULT_TIMEOUT_MS,
+        1,
+        MAX_TIMEOUT_MS,
+    )?;
+    Ok(HttpCallback {
+        url: url.to_string(),
+        method,
+        headers,
+        timeout_ms,
+    })
+}
+
+fn validate_retry(input: Option<RetryInput>) -> Result<RetryPolicy, FieldError> {
+    let Some(input) = input else {
+        return Ok(RetryPolicy::default());
+    };
+    let max_attempts = bounded(
+        "retry.max_attempts",
+        input.max_attempts,
+        u64::from(DEFAULT_MAX_ATTEMPTS),
+        1,
+        u64::from(MAX_ATTEMPTS),
+    )? as u32;
+    let initial_backoff_ms = bounded(
+        "retry.initial_backoff_ms",
+        input.initial_backoff_ms,
+        DEFAULT_INITIAL_BACKOFF_MS,
+        1,
+        MAX_BACKOFF_MS,
+    )?;
+    let max_backoff_ms = bounded(
+        "retry.max_backoff_ms",
+        input.max_backoff_ms,
+        DEFAULT_MAX_BACKOFF_MS.max(initial_backoff_ms),
+        1,
+        MAX_BACKOFF_MS,
+    )?;
+    if max_backoff_ms < initial_backoff_ms {
+        return Err(FieldError::new(
+            "retry.max_backoff_ms",
+            format!("must be at least initial_backoff_ms ({initial_backoff_ms})"),
+        ));
+    }
+    Ok(RetryPolicy {
+        max_attempts,
+        initial_backoff_ms,
+        max_backoff_ms,
+    })
+}
+
+fn bounded(
+    field: &str,
+    value: Option<i64>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, FieldError> {
+    match value {
+        None => Ok(default),
+        Some(v) if v >= min as i64 && v <= max as i64 => Ok(v as u64),
+        Some(v) => Err(FieldError::new(
+            field,
+            format!("{v} is out of range {min}-{max}"),
+        )),
+    }
+}
+
+/// Makes an id for `POST /v1/jobs` without one: time-ordered, so lists read naturally.
+pub fn generate_id() -> String {
+    let now = chrono::Utc::now().timestamp_millis();
+    format!("job-{now:x}-{:08x}", rand::random::<u32>())
+}
+
+/// A job's definition as the scheduler and delivery hold it in memory.
+#[derive(Debug)]
+pub struct Job {
+    pub id: Arc<str>,
+    pub slot: u32,
+    pub schedule: Schedule,
+    pub target: Arc<Target>,
+    /// `target` serialized once, stored with every execution as its delivery snapshot.
+    pub target_json: Arc<str>,
+    pub paused: bool,
+    /// When the current definition became active (create, replace, resume): `@every`
+    /// counts from here, and no fire at or before it is ever made up.
+    pub active_since: i64,
+}
+
+impl Job {
+    /// Rebuilds a job from its stored columns; Err names what is wrong with the row.
+    pub fn from_stored(
+        id: &str,
+        slot: u32,
+        spec_json: &str,
+        paused: bool,
+        active_since: i64,
+    ) -> Result<Job, String> {
+        let spec: StoredSpec =
+            serde_json::from_str(spec_json).map_err(|e| format!("spec is not valid: {e}"))?;
+        let tz = parse_timezone(&spec.timezone).map_err(|e| e.to_string())?;
+        let schedule = Schedule::parse(&spec.schedule, tz).map_err(|e| e.to_string())?;
+        Ok(Job::new(
+            id,
+            slot,
+            schedule,
+            spec.target(),
+            paused,
+            active_since,
+        ))
+    }
+
+    pub fn new(
+        id: &str,
+        slot: u32,
+        schedule: Schedule,
+        target: Target,
+        paused: bool,
+        active_since: i64,
+    ) -> Job {
+        let target_json = serde_json::to_string(&target).expect("targets serialize");
+        Job {
+            id: id.into(),
+            slot,
+            schedule,
+            target: Arc::new(target),
+            target_json: target_json.into(),
+            paused,
+            active_since,
+        }
+    }
+
+    /// The first fire time of this definition at or after `now` (None: paused or finished).
+    pub fn first_due(&self, now: i64) -> Option<i64> {
+        if self.paused {
+            return None;
+        }
+        self.schedule
+            .next_after(now.max(self.active_since), self.active_since)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(json: &str) -> JobInput {
+        serde_json::from_str(json).unwrap()
+    }
+
+    const NOW: i64 = 1_790_000_000_000;
+
+    #[test]
+    fn slot_is_stable_and_in_range() {
+        // Golden values: a change here moves every stored job to another slot.
+        assert_eq!(slot_of("scale-web-up"), slot_of("scale-web-up"));
+        assert!(slot_of("x") < SLOTS);
+        let golden: Vec<u32> = ["a", "job-1", "scale-web-up"]
+            .iter()
+            .map(|s| slot_of(s))
+            .collect();
+        assert_eq!(golden, GOLDEN_SLOTS);
+    }
+    const GOLDEN_SLOTS: [u32; 3] = [GOLDEN_A, GOLDEN_JOB1, GOLDEN_SCALE];
+    const GOLDEN_A: u32 = 1523;
+    const GOLDEN_JOB1: u32 = 2645;
+    const GOLDEN_SCALE: u32 = 1096;
+
+    #[test]
+    fn minimal_job_gets_defaults() {
+        let j = input(r#"{"schedule":"*/5 * * * *","callback":{"http":{"url":"http://h:1/x"}}}"#)
+            .validate(Some("a"), || unreachable!(), NOW)
+            .unwrap();
+        let Callback::Http(h) = &j.spec.callback;
+        assert_eq!(h.method, "POST");
+        assert_eq!(h.timeout_ms, DEFAULT_TIMEOUT_MS);
+        assert_eq!(j.spec.retry, RetryPolicy::default());
+        assert_eq!(j.spec.timezone, "UTC");
+        assert_eq!(j.spec.payload.get(), "null");
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (r#"{"callback":{"http":{"url":"http://h/"}}}"#, "schedule"),
+            (
+                r#"{"schedule":"bogus","callback":{"http":{"url":"http://h/"}}}"#,
+                "schedule",
+            ),
+            (
+                r#"{"schedule":"@hourly","timezone":"Mars/Base","callback":{"http":{"url":"http://h/"}}}"#,
+                "timezone",
+            ),
+            (r#"{"schedule":"@hourly"}"#, "callback"),
+            (
+                r#"{"schedule":"@hourly","callback":{"http":{"url":"http://h/"},"grpc":{"target":"http://h"}}}"#,
+                "callback",
+            ),
+            (
+                r#"{"schedule":"@hourly","callback":{"http":{"url":"http://h/","timeout_ms":-1}}}"#,
+                "callback.http.timeout_ms",
+            ),
+            (
+                r#"{"schedule":"@hourly","callback":{"http":{"url":"ftp://h/"}}}"#,
+                "callback.http.url",
+            ),
+            (
+                r#"{"schedule":"@hourly","callback":{"http":{"url":"http://h/","method":"BREW"}}}"#,
+                "callback.http.method",
+            ),
+            (
+                r#"{"schedule":"@hourly","callback":{"http":{"url":"http://h/","headers":{"Idempotency-Key":"x"}}}}"#,
+                "callback.http.headers.Idempotency-Key",
+            ),
+            (
+                r#"{"schedule":"@hourly","callback":{"http":{"url":"http://h/"}},"retry":{"max_attempts":0}}"#,
+                "retry.max_attempts",
+            ),
+            (
+                r#"{"schedule":"@hourly","callback":{"http":{"url":"http://h/"}},"retry":{"initial_backoff_ms":5000,"max_backoff_ms":10}}"#,
+                "retry.max_backoff_ms",
+            ),
+            (
+                r#"{"schedule":"@at 2001-01-01T00:00:00Z","callback":{"http":{"url":"http://h/"}}}"#,
+                "schedule",
+            ),
+            (
+                r#"{"schedule":"@hourly","callback":{"http":{"url":"http://h/"}},"secret":""}"#,
+                "secret",
+            ),
+            (
+                r#"{"id":"other","schedule":"@hourly","callback":{"http":{"url":"http://h/"}}}"#,
+                "id",
+            ),
+        ];
+        for (body, field) in cases {
+            let err = input(body)
+                .validate(Some("a"), || unreachable!(), NOW)
+                .unwrap_err();
+            assert_eq!(err.field, field, "{body} -> {err}");
+        }
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(validate_id("id", "scale-web_up.v2:eu").is_ok());
+        assert!(validate_id("id", "").is_err());
+        assert!(validate_id("id", "has space").is_err());
+        assert!(validate_id("id", "slash/no").is_err());
+        assert!(validate_id("id", &"x".repeat(129)).is_err());
+        assert!(validate_id("id", &generate_id()).is_ok());
+    }
+}

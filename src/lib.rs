@@ -1,0 +1,24 @@
+//! chime: a distributed timer. Clients register cron-like jobs over REST; chime fires each
+//! one on time and delivers the fire as an HTTP callback, retrying until it is delivered.
+//!
+//! How a request flows, one module per step:
+//! - [`api`]: REST handlers; validate input ([`job`]) and order every write.
+//! - [`store`]: jobs and executions in SQLite or MySQL; the executions key is the
+//!   exactly-once fence and pending rows are the durable delivery queue.
+//! - [`scheduler`]: one timer over all of the node's jobs; records each batch of fires,
+//!   re-arms jobs from [`schedule`], hands fires to delivery.
+//! - [`delivery`]: sends callbacks, persists attempt numbers and outcomes, retries.
+//! - [`node`]: starts and stops all of it in order; [`config`] resolves its settings.
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod delivery;
+pub mod job;
+pub mod metrics;
+pub mod node;
+pub mod schedule;
+pub mod scheduler;
+pub mod store;
+
+pub use node::serve;

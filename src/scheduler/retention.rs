@@ -1,0 +1,66 @@
+//! Keeps execution history bounded: the newest `keep` per job, and nothing finished older
+//! than `max_age`. Pending deliveries are never pruned.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_ms;
+use crate::store::Store;
+
+const AGE_SWEEP_EVERY: Duration = Duration::from_secs(60);
+const AGE_SWEEP_ROWS: u32 = 10_000;
+
+/// `jobs_rx` receives ids of jobs whose history grew by a tenth of `keep`.
+pub(super) async fn run(
+    store: Store,
+    keep: u32,
+    max_age: Duration,
+    mut jobs_rx: mpsc::UnboundedReceiver<Arc<str>>,
+    cancel: CancellationToken,
+) {
+    let mut sweep = tokio::time::interval(AGE_SWEEP_EVERY);
+    let mut due: BTreeSet<Arc<str>> = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(id) = jobs_rx.recv() => {
+                due.insert(id);
+                while let Ok(id) = jobs_rx.try_recv() {
+                    due.insert(id);
+                }
+                while let Some(id) = due.pop_first() {
+                    if let Err(e) = store.prune_job_history(&id, keep).await {
+                        tracing::warn!(error = %e, job_id = %id, "cannot prune execution history, will retry");
+                        due.insert(id);
+                        break;
+                    }
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                }
+            }
+            _ = sweep.tick() => {
+                let cutoff = now_ms() - max_age.as_millis() as i64;
+                loop {
+                    match store.prune_older_than(cutoff, AGE_SWEEP_ROWS).await {
+                        Ok(n) if n == u64::from(AGE_SWEEP_ROWS) && !cancel.is_cancelled() => continue,
+                        Ok(n) => {
+                            if n > 0 {
+                                tracing::debug!(rows = n, "pruned old executions");
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot prune old executions, will retry");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! The `executions` table: fire history and the durable delivery queue.
+//!
+//! Write paths are batched (one multi-row statement per batch) because they run once per
+//! fire: a node firing thousands of jobs a second must not pay a round trip per fire.
+
+use std::sync::Arc;
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Store, StoreError, placeholders};
+
+/// Rows per multi-row statement; keeps bind counts far below both backends' limits.
+const CHUNK: usize = 500;
+const MAX_ERROR_LEN: usize = 1000;
+
+/// An execution's identity: one (job, scheduled time). Its API id is `scheduled_at` in ms.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExecKey {
+    pub job_id: Arc<str>,
+    pub scheduled_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecStatus {
+    Pending,
+    Succeeded,
+    Failed,
+    Missed,
+}
+
+impl ExecStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecStatus::Pending => "pending",
+            ExecStatus::Succeeded => "succeeded",
+            ExecStatus::Failed => "failed",
+            ExecStatus::Missed => "missed",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "pending" => ExecStatus::Pending,
+            "succeeded" => ExecStatus::Succeeded,
+            "failed" => ExecStatus::Failed,
+            "missed" => ExecStatus::Missed,
+            other => return Err(StoreError::Corrupt(format!("execution status {other:?}"))),
+        })
+    }
+}
+
+/// A fire to record. `Pending` fires are recorded with `attempts = 1` *before* attempt 1 is
+/// sent (the contract: the attempt number is persisted before each attempt), with
+/// `next_attempt_at` = when to retry should the node die before recording the outcome.
+#[derive(Debug, Clone)]
+pub struct NewFire {
+    pub key: ExecKey,
+    pub slot: u32,
+    pub manual: bool,
+    pub fired_at: i64,
+    pub status: ExecStatus,
+    pub next_attempt_at: Option<i64>,
+    /// The delivery snapshot (JSON of [`crate::job::Target`]); empty for `Missed`.
+    pub request: Arc<str>,
+}
+
+/// Where a job's schedule stands after a batch of fires.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub job_id: Arc<str>,
+    pub last_fire_at: i64,
+    pub next_fire_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded {
+        status: u16,
+    },
+    Retry {
+        next_attempt_at: i64,
+        error: String,
+        status: Option<u16>,
+    },
+    Failed {
+        error: String,
+        status: Option<u16>,
+    },
+}
+
+/// A pending delivery as found at start-up: `attempts` were (maybe) sent already.
+#[derive(Debug, Clone)]
+pub struct PendingDelivery {
+    pub key: ExecKey,
+    pub slot: u32,
+    pub attempts: u32,
+    pub next_attempt_at: i64,
+    pub fired_at: i64,
+    pub request: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecutionRecord {
+    pub job_id: String,
+    pub scheduled_at: i64,
+    pub manual: bool,
+    pub fired_at: i64,
+    pub node: String,
+    pub attempts: u32,
+    pub status: ExecStatus,
+    pub next_attempt_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub response_status: Option<u16>,
+}
+
+fn truncate(s: &str) -> &str {
+    if s.len() <= MAX_ERROR_LEN {
+        return s;
+    }
+    let mut end = MAX_ERROR_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn exec_from_row(row: &AnyRow) -> Result<ExecutionRecord, StoreError> {
+    let status: String = row.try_get("status")?;
+    let response_status: Option<i64> = row.try_get("response_status")?;
+    Ok(ExecutionRecord {
+        job_id: row.try_get("job_id")?,
+        scheduled_at: row.try_get("scheduled_at")?,
+        manual: row.try_get::<i64, _>("manual")? != 0,
+        fired_at: row.try_get("fired_at")?,
+        node: row.try_get("node")?,
+        attempts: row.try_get::<i64, _>("attempts")?.max(0) as u32,
+        status: ExecStatus::parse(&status)?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_error: row.try_get("last_error")?,
+        response_status: response_status.and_then(|s| u16::try_from(s).ok()),
+    })
+}
+
+impl Store {
+    /// Records fires and advances their jobs, atomically. Returns, per fire, whether this call
+    /// inserted it: `false` means the row existed (already dispatched) and must not be sent.
+    pub async fn record_fires(
+        &self,
+        node: &str,
+        fires: &[NewFire],
+        progress: &[Progress],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut inserted = Vec::with_capacity(fires.len());
+        let mut tx = self.pool.begin().await?;
+        for chunk in fires.chunks(CHUNK) {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, attempts, \
+                 status, next_attempt_at, request) VALUES {}",
+                self.insert_ignore(),
+                placeholders(chunk.len(), 10)
+            ));
+            let mut q = sqlx::query(sql);
+            for f in chunk {
+                q = q
+                    .bind(f.key.job_id.to_string())
+                    .bind(f.key.scheduled_at)
+                    .bind(i64::from(f.slot))
+                    .bind(i64::from(f.manual))
+                    .bind(f.fired_at)
+                    .bind(node.to_string())
+                    .bind(i64::from(f.status == ExecStatus::Pending))
+                    .bind(f.status.as_str())
+                    .bind(f.next_attempt_at)
+                    .bind(f.request.to_string());
+            }
+            let n = q.execute(&mut *tx).await?.rows_affected();
+            if n == chunk.len() as u64 {
+                inserted.extend(std::iter::repeat_n(true, chunk.len()));
+            } else {
+                // Some rows existed: find out which, row by row. Rare (make-up after a crash, or
+                // a trigger racing a scheduled fire in the same millisecond), so no batching.
+                for f in chunk {
+                    let exists: Option<i64> = sqlx::query_scalar(
+                        "SELECT attempts FROM executions WHERE job_id = ? AND scheduled_at = ? \
+                         AND node = ? AND fired_at = ?",
+                    )
+                    .bind(f.key.job_id.to_string())
+                    .bind(f.key.scheduled_at)
+                    .bind(node.to_string())
+                    .bind(f.fired_at)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    inserted.push(exists.is_some());
+                }
+            }
+        }
+        for chunk in progress.chunks(CHUNK) {
+            let whens = vec!["WHEN ? THEN ?"; chunk.len()].join(" ");
+            let ids = vec!["?"; chunk.len()].join(", ");
+            let sql = sqlx::AssertSqlSafe(format!(
+                "UPDATE jobs SET last_fire_at = {}(COALESCE(last_fire_at, 0), CASE id {whens} END), \
+                 next_fire_at = CASE id {whens} END WHERE id IN ({ids})",
+                self.greatest()
+            ));
+            let mut q = sqlx::query(sql);
+            for p in chunk {
+                q = q.bind(p.job_id.to_string()).bind(p.last_fire_at);
+            }
+            for p in chunk {
+                q = q.bind(p.job_id.to_string()).bind(p.next_fire_at);
+            }
+            for p in chunk {
+                q = q.bind(p.job_id.to_string());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// Persists that `attempt` is about to be sent. False if the execution is gone (job
+    /// deleted) or no longer at `attempt - 1` (someone else moved it): then do not send.
+    pub async fn begin_attempt(&self, key: &ExecKey, attempt: u32) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE executions SET attempts = ? WHERE job_id = ? AND scheduled_at = ? \
+             AND attempts = ? AND status = 'pending'",
+        )
+        .bind(i64::from(attempt))
+        .bind(key.job_id.to_string())
+        .bind(key.scheduled_at)
+        .bind(i64::from(attempt) - 1)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Records attempt outcomes. Returns, per outcome, whether its row was still pending at
+    /// that attempt (a retry is scheduled only then).
+    pub async fn record_outcomes(
+        &self,
+        outcomes: &[(ExecKey, u32, Outcome)],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut applied = vec![false; outcomes.len()];
+        let mut tx = self.pool.begin().await?;
+        // Successes are the bulk: one statement per chunk, grouped by response status.
+        let mut by_status: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
+        for (i, (_, _, o)) in outcomes.iter().enumerate() {
+            if let Outcome::Succeeded { status } = o {
+                by_status.entry(*status).or_default().push(i);
+            }
+        }
+        for (status, idxs) in by_status {
+            for chunk in idxs.chunks(CHUNK) {
+                let conds = vec!["(job_id = ? AND scheduled_at = ? AND attempts = ?)"; chunk.len()]
+                    .join(" OR ");
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "UPDATE executions SET status = 'succeeded', response_status = ?, \
+                     last_error = NULL, next_attempt_at = NULL, request = '' \
+                     WHERE status = 'pending' AND ({conds})"
+                ));
+                let mut q = sqlx::query(sql).bind(i64::from(status));
+                for &i in chunk {
+                    let (key, attempt, _) = &outcomes[i];
+                    q = q
+                        .bind(key.job_id.to_string())
+                        .bind(key.scheduled_at)
+                        .bind(i64::from(*attempt));
+                }
+                q.execute(&mut *tx).await?;
+                for &i in chunk {
+                    applied[i] = true;
+                }
+            }
+        }
+        for (i, (key, attempt, outcome)) in outcomes.iter().enumerate() {
+            let q = match outcome {
+                Outcome::Succeeded { .. } => continue,
+                Outcome::Retry {
+                    next_attempt_at,
+                    error,
+                    status,
+                } => sqlx::query(
+                    "UPDATE executions SET next_attempt_at = ?, last_error = ?, response_status = ? \
+                     WHERE job_id = ? AND scheduled_at = ? AND attempts = ? AND status = 'pending'",
+                )
+                .bind(*next_attempt_at)
+                .bind(truncate(error).to_string())
+                .bind(status.map(i64::from)),
+                Outcome::Failed { error, status } => sqlx::query(
+                    "UPDATE executions SET status = 'failed', next_attempt_at = NULL, \
+                     last_error = ?, response_status = ? \
+                     WHERE job_id = ? AND scheduled_at = ? AND attempts = ? AND status = 'pending'",
+                )
+                .bind(truncate(error).to_string())
+                .bind(status.map(i64::from)),
+            };
+            let n = q
+                .bind(key.job_id.to_string())
+                .bind(key.scheduled_at)
+                .bind(i64::from(*attempt))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            applied[i] = n == 1;
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Every pending delivery (start-up: resume them with their next attempt number).
+    pub async fn load_pending(&self) -> Result<Vec<PendingDelivery>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT job_id, scheduled_at, slot, attempts, next_attempt_at, fired_at, request \
+             FROM executions WHERE status = 'pending'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let job_id: String = row.try_get("job_id")?;
+                Ok(PendingDelivery {
+                    key: ExecKey {
+                        job_id: job_id.into(),
+                        scheduled_at: row.try_get("scheduled_at")?,
+                    },
+                    slot: row.try_get::<i64, _>("slot")? as u32,
+                    attempts: row.try_get::<i64, _>("attempts")?.max(0) as u32,
+                    next_attempt_at: row
+                        .try_get::<Option<i64>, _>("next_attempt_at")?
+                        .unwrap_or(0),
+                    fired_at: row.try_get("fired_at")?,
+                    request: row.try_get("request")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Newest first.
+    pub async fn list_executions(
+        &self,
+        job_id: &str,
+        limit: u32,
+    ) -> Result<Vec<ExecutionRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT job_id, scheduled_at, manual, fired_at, node, attempts, status, \
+             next_attempt_at, last_error, response_status FROM executions WHERE job_id = ? \
+             ORDER BY scheduled_at DESC LIMIT ?",
+        )
+        .bind(job_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(exec_from_row).collect()
+    }
+
+    /// Keeps the newest `keep` executions of a job; deletes older finished ones.
+    pub async fn prune_job_history(&self, job_id: &str, keep: u32) -> Result<u64, StoreError> {
+        let cutoff: Option<i64> = sqlx::query_scalar(
+            "SELECT scheduled_at FROM executions WHERE job_id = ? \
+             ORDER BY scheduled_at DESC LIMIT 1 OFFSET ?",
+        )
+        .bind(job_id)
+        .bind(i64::from(keep) - 1)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(cutoff) = cutoff else {
+            return Ok(0);
+        };
+        let n = sqlx::query(
+            "DELETE FROM executions WHERE job_id = ? AND scheduled_at < ? AND status <> 'pending'",
+        )
+        .bind(job_id)
+        .bind(cutoff)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
+    }
+
+    /// Deletes finished executions scheduled before `cutoff`, at most `limit` rows (so a
+    /// large purge does not hold locks for long); returns how many went.
+    pub async fn prune_older_than(&self, cutoff: i64, limit: u32) -> Result<u64, StoreError> {
+        let sql = match self.dialect {
+            super::Dialect::MySql => {
+                "DELETE FROM executions WHERE scheduled_at < ? AND status <> 'pending' LIMIT ?"
+            }
+            super::Dialect::Sqlite => {
+                "DELETE FROM executions WHERE (job_id, scheduled_at) IN (SELECT job_id, \
+                 scheduled_at FROM executions WHERE scheduled_at < ? AND status <> 'pending' \
+                 LIMIT ?)"
+            }
+        };
+        let n = sqlx::query(sql)
+            .bind(cutoff)
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n)
+    }
+}

@@ -1,0 +1,194 @@
+//! The `jobs` table.
+
+use futures::TryStreamExt;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Store, StoreError};
+
+/// A job row. `spec` is the JSON of [`crate::job::StoredSpec`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub id: String,
+    pub slot: u32,
+    pub spec: String,
+    pub paused: bool,
+    pub active_since: i64,
+    pub last_fire_at: Option<i64>,
+    pub next_fire_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    Replaced,
+}
+
+const COLUMNS: &str =
+    "id, slot, spec, paused, active_since, last_fire_at, next_fire_at, created_at, updated_at";
+
+fn from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
+    let slot: i64 = row.try_get("slot")?;
+    Ok(JobRecord {
+        id: row.try_get("id")?,
+        slot: u32::try_from(slot).map_err(|_| StoreError::Corrupt(format!("slot {slot}")))?,
+        spec: row.try_get("spec")?,
+        paused: row.try_get::<i64, _>("paused")? != 0,
+        active_since: row.try_get("active_since")?,
+        last_fire_at: row.try_get("last_fire_at")?,
+        next_fire_at: row.try_get("next_fire_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+impl Store {
+    /// Creates the job; [`StoreError::Conflict`] if the id exists.
+    pub async fn insert_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO jobs (id, slot, spec, paused, active_since, last_fire_at, next_fire_at, \
+             created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&job.id)
+        .bind(i64::from(job.slot))
+        .bind(&job.spec)
+        .bind(i64::from(job.paused))
+        .bind(job.active_since)
+        .bind(job.last_fire_at)
+        .bind(job.next_fire_at)
+        .bind(job.created_at)
+        .bind(job.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Creates or replaces the job. A replace keeps `created_at` and `last_fire_at` (so a
+    /// replaced job never re-fires a time it already fired).
+    ///
+    /// Insert-then-update rather than an upsert statement: `rows_affected` of an upsert
+    /// cannot tell created from replaced on both backends. Callers serialize writes per id.
+    pub async fn put_job(&self, job: &JobRecord) -> Result<PutOutcome, StoreError> {
+        loop {
+            match self.insert_job(job).await {
+                Ok(()) => return Ok(PutOutcome::Created),
+                Err(StoreError::Conflict) => {}
+                Err(e) => return Err(e),
+            }
+            let updated = sqlx::query(
+                "UPDATE jobs SET spec = ?, paused = ?, active_since = ?, next_fire_at = ?, \
+                 updated_at = ? WHERE id = ?",
+            )
+            .bind(&job.spec)
+            .bind(i64::from(job.paused))
+            .bind(job.active_since)
+            .bind(job.next_fire_at)
+            .bind(job.updated_at)
+            .bind(&job.id)
+            .execute(&self.pool)
+            .await?;
+            if updated.rows_affected() > 0 {
+                return Ok(PutOutcome::Replaced);
+            }
+            // Deleted between our insert and update (another node's request): insert again.
+        }
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs WHERE id = ?"));
+        let row = sqlx::query(sql).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Jobs ordered by id, strictly after `after` (keyset pagination).
+    pub async fn list_jobs(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM jobs WHERE id > ? ORDER BY id LIMIT ?"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(after.unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// Deletes the job and its executions (its pending deliveries with it). False if absent.
+    pub async fn delete_job(&self, id: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM executions WHERE job_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let deleted = sqlx::query("DELETE FROM jobs WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(deleted > 0)
+    }
+
+    /// Pauses or resumes. Resuming restarts the schedule at `now` (no make-up of the paused
+    /// time). Returns the updated row, None if absent.
+    pub async fn set_paused(
+        &self,
+        id: &str,
+        paused: bool,
+        now: i64,
+        next_fire_at: Option<i64>,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let result = if paused {
+            sqlx::query(
+                "UPDATE jobs SET paused = 1, next_fire_at = NULL, updated_at = ? WHERE id = ?",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+        } else {
+            sqlx::query(
+                "UPDATE jobs SET paused = 0, active_since = ?, next_fire_at = ?, updated_at = ? \
+                 WHERE id = ?",
+            )
+            .bind(now)
+            .bind(next_fire_at)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+        };
+        if result.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.get_job(id).await
+    }
+
+    /// Streams every job to `each`, in slot order (the order a cluster node loads slots in).
+    pub async fn for_each_job(
+        &self,
+        mut each: impl FnMut(JobRecord) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs"));
+        let mut rows = sqlx::query(sql).fetch(&self.pool);
+        let mut n = 0;
+        while let Some(row) = rows.try_next().await? {
+            each(from_row(&row)?)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub async fn count_jobs(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+}

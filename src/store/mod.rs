@@ -1,0 +1,193 @@
+//! Durable state: jobs and executions, in SQLite (embedded, single node) or MySQL/MariaDB.
+//!
+//! One code path serves both through sqlx's `Any` driver; the few statements whose syntax
+//! differs are chosen by [`Dialect`]. Times are stored as unix milliseconds (`BIGINT`), which
+//! `Any` can carry on both backends, and JSON as text.
+//!
+//! The `executions` primary key `(job_id, scheduled_at)` is the exactly-once fence: a fire
+//! is dispatched only by the writer whose insert created the row.
+
+mod executions;
+mod jobs;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, ConnectOptions, Connection};
+
+pub use executions::{
+    ExecKey, ExecStatus, ExecutionRecord, NewFire, Outcome, PendingDelivery, Progress,
+};
+pub use jobs::{JobRecord, PutOutcome};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    MySql,
+    Sqlite,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or timed out: worth retrying later.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// A row with this key exists already.
+    #[error("already exists")]
+    Conflict,
+    /// A stored row could not be read back (edited by hand, or a newer schema).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Query(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            // SQLITE_BUSY / SQLITE_LOCKED: another writer held the lock past busy_timeout.
+            sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("5" | "6")) => {
+                StoreError::Unavailable(e)
+            }
+            _ => StoreError::Query(e),
+        }
+    }
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+impl Store {
+    /// Connects (creating a missing SQLite file) and checks the connection works.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (url, dialect, max_conns) = if let Some(rest) = url.strip_prefix("sqlite:") {
+            (sqlite_url(rest), Dialect::Sqlite, 4)
+        } else {
+            (url.to_string(), Dialect::MySql, 16)
+        };
+        let options = AnyConnectOptions::from_str(&url)
+            .map_err(StoreError::Unavailable)?
+            .disable_statement_logging();
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_conns)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        // WAL lets readers run beside the single writer; busy_timeout makes
+                        // writers wait for the lock instead of failing at once.
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        Ok(Store { pool, dialect })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self.dialect {
+            Dialect::MySql => sqlx::migrate!("migrations/mysql").run(&self.pool).await?,
+            Dialect::Sqlite => sqlx::migrate!("migrations/sqlite").run(&self.pool).await?,
+        }
+        Ok(())
+    }
+
+    /// One round trip: is the database there?
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        conn.ping().await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// `INSERT IGNORE` (MySQL) / `INSERT OR IGNORE` (SQLite).
+    fn insert_ignore(&self) -> &'static str {
+        match self.dialect {
+            Dialect::MySql => "INSERT IGNORE",
+            Dialect::Sqlite => "INSERT OR IGNORE",
+        }
+    }
+
+    fn greatest(&self) -> &'static str {
+        match self.dialect {
+            Dialect::MySql => "GREATEST",
+            Dialect::Sqlite => "MAX",
+        }
+    }
+}
+
+/// `sqlite://chime.db` → `sqlite://chime.db?mode=rwc`: without `mode=rwc` a missing file is an
+/// error instead of a new database.
+fn sqlite_url(rest: &str) -> String {
+    if rest.contains("mode=") || rest.contains(":memory:") {
+        format!("sqlite:{rest}")
+    } else if rest.contains('?') {
+        format!("sqlite:{rest}&mode=rwc")
+    } else {
+        format!("sqlite:{rest}?mode=rwc")
+    }
+}
+
+/// Placeholder list `(?, ?, ?), (?, ?, ?)` for multi-row statements.
+fn placeholders(rows: usize, cols: usize) -> String {
+    let row = format!("({})", vec!["?"; cols].join(", "));
+    vec![row; rows].join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_create_missing_files() {
+        assert_eq!(sqlite_url("//chime.db"), "sqlite://chime.db?mode=rwc");
+        assert_eq!(
+            sqlite_url("//a.db?cache=shared"),
+            "sqlite://a.db?cache=shared&mode=rwc"
+        );
+        assert_eq!(sqlite_url("//a.db?mode=ro"), "sqlite://a.db?mode=ro");
+    }
+
+    #[test]
+    fn placeholder_lists() {
+        assert_eq!(placeholders(2, 2), "(?, ?), (?, ?)");
+    }
+}
