@@ -528,9 +528,9 @@ mod tests {
         assert_eq!(golden, GOLDEN_SLOTS);
     }
     const GOLDEN_SLOTS: [u32; 3] = [GOLDEN_A, GOLDEN_JOB1, GOLDEN_SCALE];
-    const GOLDEN_A: u32 = 1523;
-    const GOLDEN_JOB1: u32 = 2645;
-    const GOLDEN_SCALE: u32 = 1096;
+    const GOLDEN_A: u32 = 585;
+    const GOLDEN_JOB1: u32 = 1444;
+    const GOLDEN_SCALE: u32 = 4009;
 
     #[test]
     fn minimal_job_gets_defaults() {
