@@ -1,1 +1,448 @@
-fn main() {}
+//! Load benchmark for one chime node on MySQL/MariaDB, with callbacks to a receiver on
+//! loopback inside this process.
+//!
+//!     cargo bench --bench load -- [registration|memory|firing|all] [--runs N] [--jobs N]
+//!
+//! - registration: PUT /v1/jobs/{id} for N jobs (default 100,000) with 64 concurrent
+//!   clients: throughput and latency percentiles.
+//! - memory: 1,000,000 jobs written straight into the database, then the node is started:
+//!   time until /readyz answers 200, and the node's RSS once ready.
+//! - firing: R jobs `@every 1s` with phases spread evenly over the second, so the node fires
+//!   R times a second; for R in 1,000 / 5,000 / 10,000: achieved fires/s and fire delay
+//!   (callback arrival − scheduled_at) p50/p99/max over a steady 15 s window.
+//!
+//! Setup rows for memory and firing are inserted directly (the schema is chime's own) so that
+//! what is measured is the node, not the registration path. Each scenario runs `--runs`
+//! times (default 3) and reports every run and the median. MySQL comes from
+//! CHIME_TEST_MYSQL_URL (default mysql://chime:chime@127.0.0.1:3306).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const CHIME: &str = env!("CARGO_BIN_EXE_chime");
+
+fn mysql_server() -> String {
+    std::env::var("CHIME_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://chime:chime@127.0.0.1:3306".into())
+}
+
+fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 0.5)
+}
+
+async fn fresh_db(name: &str) -> Res<String> {
+    sqlx::any::install_default_drivers();
+    let server = mysql_server();
+    let admin = sqlx::AnyPool::connect(&server).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name}"
+    )))
+    .execute(&admin)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let url = format!("{server}/{name}");
+    let status = Command::new(CHIME)
+        .args(["migrate", "--database-url", &url])
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        return Err("chime migrate failed".into());
+    }
+    Ok(url)
+}
+
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+    ready_after: Duration,
+}
+
+impl Node {
+    async fn start(db: &str) -> Res<Node> {
+        let started = Instant::now();
+        let mut child = Command::new(CHIME)
+            .args([
+                "serve",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--node-id",
+                "bench",
+                "--database-url",
+                db,
+            ])
+            .env("CHIME_LOG", "warn,chime::node=info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let addr: SocketAddr = loop {
+            let line = lines.next().ok_or("chime exited before listening")??;
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let addr = rest.split_whitespace().next().ok_or("bad listen line")?;
+                break addr.parse()?;
+            }
+        };
+        // Keep draining stderr so the node never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.by_ref() {});
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(r) = client.get(format!("http://{addr}/readyz")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                return Err("node not ready after 600 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Node {
+            child,
+            addr,
+            ready_after: started.elapsed(),
+        })
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Records (arrival − scheduled_at) for every callback it receives.
+#[derive(Clone, Default)]
+struct Receiver {
+    delays_us: Arc<Mutex<Vec<(i64, i64)>>>,
+    count: Arc<AtomicU64>,
+}
+
+async fn start_receiver(rx: Receiver) -> Res<SocketAddr> {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap| {
+            let rx = rx.clone();
+            async move {
+                let arrived = now_us();
+                let scheduled_ms = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|k| k.rsplit('@').next())
+                    .and_then(|ms| ms.parse::<i64>().ok());
+                if let Some(ms) = scheduled_ms {
+                    rx.delays_us.lock().unwrap().push((ms, arrived - ms * 1000));
+                }
+                rx.count.fetch_add(1, Ordering::Relaxed);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
+fn spec_json(schedule: &str, hook: &str) -> String {
+    format!(
+        "{{\"schedule\":\"{schedule}\",\"timezone\":\"UTC\",\"callback\":{{\"http\":{{\"url\":\"{hook}\",\
+         \"method\":\"POST\",\"headers\":{{\"X-Team\":\"web\"}},\"timeout_ms\":5000}}}},\
+         \"payload\":{{\"replicas\":12,\"tier\":\"web\"}},\"retry\":{{\"max_attempts\":5,\
+         \"initial_backoff_ms\":1000,\"max_backoff_ms\":60000}}}}"
+    )
+}
+
+/// Inserts `n` jobs; job i has `schedule(i)` and first fire `next(i)`.
+async fn insert_jobs(
+    db: &str,
+    n: usize,
+    hook: &str,
+    schedule: impl Fn(usize) -> String,
+    anchor: impl Fn(usize) -> i64,
+    next: impl Fn(usize) -> i64,
+) -> Res<()> {
+    let pool = sqlx::AnyPool::connect(db).await?;
+    let started = Instant::now();
+    const ROWS: usize = 1000;
+    for chunk_start in (0..n).step_by(ROWS) {
+        let end = (chunk_start + ROWS).min(n);
+        let values = vec!["(?, ?, ?, 0, ?, NULL, ?, ?, ?)"; end - chunk_start].join(", ");
+        let sql = format!(
+            "INSERT INTO jobs (id, slot, spec, paused, active_since, last_fire_at, next_fire_at, \
+             created_at, updated_at) VALUES {values}"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for i in chunk_start..end {
+            let id = format!("bench-{i:08}");
+            q = q
+                .bind(id.clone())
+                .bind(i64::from(chime::job::slot_of(&id)))
+                .bind(spec_json(&schedule(i), hook))
+                .bind(anchor(i))
+                .bind(next(i))
+                .bind(anchor(i))
+                .bind(anchor(i));
+        }
+        q.execute(&pool).await?;
+        if end % 100_000 == 0 {
+            eprintln!(
+                "  inserted {end}/{n} jobs ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    pool.close().await;
+    Ok(())
+}
+
+async fn registration(runs: usize, jobs: usize) -> Res<()> {
+    println!("\n## registration: PUT /v1/jobs/{{id}} x {jobs}, 64 concurrent clients");
+    println!("| run | jobs/s | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|");
+    let (mut rates, mut p50s, mut p99s) = (vec![], vec![], vec![]);
+    for run in 1..=runs {
+        let db = fresh_db("chime_bench_reg").await?;
+        let node = Node::start(&db).await?;
+        let base = format!("http://{}", node.addr);
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()?;
+        let next = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for _ in 0..64 {
+            let (client, base, next) = (client.clone(), base.clone(), next.clone());
+            workers.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= jobs {
+                        break;
+                    }
+                    // Yearly at a fixed instant: registration only, nothing fires.
+                    let body = spec_json("0 0 3 1 1 *", "http://127.0.0.1:9/hook");
+                    let t = Instant::now();
+                    let resp = client
+                        .put(format!("{base}/v1/jobs/reg-{i:08}"))
+                        .body(body)
+                        .send()
+                        .await
+                        .expect("request");
+                    assert_eq!(
+                        resp.status(),
+                        201,
+                        "{}",
+                        resp.text().await.unwrap_or_default()
+                    );
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                lat
+            }));
+        }
+        let mut lat = Vec::new();
+        for w in workers {
+            lat.extend(w.await?);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        lat.sort_by(f64::total_cmp);
+        let rate = jobs as f64 / secs;
+        let (p50, p99, max) = (
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            lat[lat.len() - 1],
+        );
+        println!("| {run} | {rate:.0} | {p50:.2} | {p99:.2} | {max:.1} |");
+        rates.push(rate);
+        p50s.push(p50);
+        p99s.push(p99);
+        drop(node);
+    }
+    println!(
+        "| **median** | **{:.0}** | **{:.2}** | **{:.2}** | |",
+        median(rates),
+        median(p50s),
+        median(p99s)
+    );
+    Ok(())
+}
+
+async fn memory(runs: usize, jobs: usize) -> Res<()> {
+    println!("\n## memory and start-up: {jobs} registered jobs");
+    let db = fresh_db("chime_bench_mem").await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    // A realistic mix: 1,000 distinct cron expressions (minute/hour combinations), daily.
+    insert_jobs(
+        &db,
+        jobs,
+        "http://127.0.0.1:9/hook",
+        |i| format!("0 {} {} * * *", i % 60, (i / 60) % 17),
+        |_| now,
+        |_| now + 86_400_000,
+    )
+    .await?;
+    println!("| run | ready after s | RSS MiB |\n|---|---|---|");
+    let (mut readies, mut rsss) = (vec![], vec![]);
+    for run in 1..=runs {
+        let node = Node::start(&db).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (ready, rss) = (node.ready_after.as_secs_f64(), node.rss_mib());
+        println!("| {run} | {ready:.2} | {rss:.0} |");
+        readies.push(ready);
+        rsss.push(rss);
+    }
+    println!(
+        "| **median** | **{:.2}** | **{:.0}** |",
+        median(readies),
+        median(rsss)
+    );
+    Ok(())
+}
+
+async fn firing(runs: usize, rates: &[usize]) -> Res<()> {
+    println!("\n## firing: R jobs `@every 1s`, phases spread over the second, HTTP callbacks");
+    println!(
+        "| target fires/s | run | achieved fires/s | delay p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|"
+    );
+    const WARMUP: Duration = Duration::from_secs(5);
+    const WINDOW: Duration = Duration::from_secs(15);
+    let mut summary = Vec::new();
+    for &rate in rates {
+        let (mut achieved, mut p50s, mut p99s, mut maxs) = (vec![], vec![], vec![], vec![]);
+        for run in 1..=runs {
+            let receiver = Receiver::default();
+            let hook_addr = start_receiver(receiver.clone()).await?;
+            let hook = format!("http://{hook_addr}/hook");
+            let db = fresh_db("chime_bench_fire").await?;
+            // Anchors a few seconds ahead so the first fires come after start-up.
+            let base = chrono::Utc::now().timestamp_millis() + 3_000;
+            let anchor = |i: usize| base + (i * 1000 / rate) as i64 - 1000;
+            insert_jobs(
+                &db,
+                rate,
+                &hook,
+                |_| "@every 1s".into(),
+                anchor,
+                |i| anchor(i) + 1000,
+            )
+            .await?;
+            let node = Node::start(&db).await?;
+            tokio::time::sleep(WARMUP).await;
+            let from_ms = chrono::Utc::now().timestamp_millis();
+            tokio::time::sleep(WINDOW).await;
+            let to_ms = chrono::Utc::now().timestamp_millis() - 1000;
+            // Only fires scheduled in the window, and only once their callbacks had time to land.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut delays: Vec<f64> = receiver
+                .delays_us
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(ms, _)| *ms >= from_ms && *ms < to_ms)
+                .map(|(_, d)| *d as f64 / 1000.0)
+                .collect();
+            drop(node);
+            delays.sort_by(f64::total_cmp);
+            let got = delays.len() as f64 / ((to_ms - from_ms) as f64 / 1000.0);
+            let (p50, p99, max) = (
+                percentile(&delays, 0.5),
+                percentile(&delays, 0.99),
+                delays.last().copied().unwrap_or(f64::NAN),
+            );
+            println!("| {rate} | {run} | {got:.0} | {p50:.2} | {p99:.2} | {max:.1} |");
+            achieved.push(got);
+            p50s.push(p50);
+            p99s.push(p99);
+            maxs.push(max);
+        }
+        summary.push((
+            rate,
+            median(achieved),
+            median(p50s),
+            median(p99s),
+            median(maxs),
+        ));
+    }
+    println!(
+        "\n| target fires/s | achieved (median) | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|"
+    );
+    for (rate, got, p50, p99, max) in summary {
+        println!("| {rate} | {got:.0} | {p50:.2} | {p99:.2} | {max:.1} |");
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let mut which = "all".to_string();
+    let mut runs = 3;
+    let mut jobs: Option<usize> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" => runs = it.next().ok_or("--runs N")?.parse()?,
+            "--jobs" => jobs = Some(it.next().ok_or("--jobs N")?.parse()?),
+            s if !s.starts_with('-') => which = s.to_string(),
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    println!(
+        "# chime load benchmark ({} cores, {})",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    if which == "registration" || which == "all" {
+        registration(runs, jobs.unwrap_or(100_000)).await?;
+    }
+    if which == "memory" || which == "all" {
+        memory(runs, jobs.unwrap_or(1_000_000)).await?;
+    }
+    if which == "firing" || which == "all" {
+        firing(runs, &[1_000, 5_000, 10_000]).await?;
+    }
+    Ok(())
+}
