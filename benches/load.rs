@@ -2,6 +2,7 @@
 //! loopback inside this process.
 //!
 //!     cargo bench --bench load -- [registration|memory|firing|all] [--runs N] [--jobs N]
+//!                                 [--rates 1000,5000,10000]
 //!
 //! - registration: PUT /v1/jobs/{id} for N jobs (default 100,000) with 64 concurrent
 //!   clients: throughput and latency percentiles.
@@ -419,11 +420,20 @@ async fn main() -> Res<()> {
     let mut which = "all".to_string();
     let mut runs = 3;
     let mut jobs: Option<usize> = None;
+    let mut rates = vec![1_000, 5_000, 10_000];
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().ok_or("--runs N")?.parse()?,
             "--jobs" => jobs = Some(it.next().ok_or("--jobs N")?.parse()?),
+            "--rates" => {
+                rates = it
+                    .next()
+                    .ok_or("--rates R1,R2")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
             s if !s.starts_with('-') => which = s.to_string(),
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -442,7 +452,7 @@ async fn main() -> Res<()> {
         memory(runs, jobs.unwrap_or(1_000_000)).await?;
     }
     if which == "firing" || which == "all" {
-        firing(runs, &[1_000, 5_000, 10_000]).await?;
+        firing(runs, &rates).await?;
     }
     Ok(())
 }

@@ -445,8 +445,6 @@ pub struct Job {
     pub slot: u32,
     pub schedule: Schedule,
     pub target: Arc<Target>,
-    /// `target` serialized once, stored with every execution as its delivery snapshot.
-    pub target_json: Arc<str>,
     pub paused: bool,
     /// When the current definition became active (create, replace, resume): `@every`
     /// counts from here, and no fire at or before it is ever made up.
@@ -484,13 +482,11 @@ impl Job {
         paused: bool,
         active_since: i64,
     ) -> Job {
-        let target_json = serde_json::to_string(&target).expect("targets serialize");
         Job {
             id: id.into(),
             slot,
             schedule,
             target: Arc::new(target),
-            target_json: target_json.into(),
             paused,
             active_since,
         }

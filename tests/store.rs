@@ -3,7 +3,6 @@
 //! MySQL comes from `CHIME_TEST_MYSQL_URL` (server URL without a database; `.ci/run` sets
 //! it up); each test creates its own database. A missing server fails the test.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chime::store::{
@@ -105,7 +104,6 @@ fn fire(id: &str, at: i64) -> NewFire {
         fired_at: at + 1,
         status: ExecStatus::Pending,
         next_attempt_at: Some(at + 1000),
-        request: Arc::from("{\"snapshot\":true}"),
     }
 }
 
@@ -300,6 +298,7 @@ async fn attempts_and_outcomes_are_compare_and_set(store: Store) {
                     next_attempt_at: 9_000,
                     error: "HTTP 503".into(),
                     status: Some(503),
+                    request: "{\"snapshot\":2}".into(),
                 },
             ),
             (
@@ -308,6 +307,7 @@ async fn attempts_and_outcomes_are_compare_and_set(store: Store) {
                 Outcome::Failed {
                     error: "not retried: HTTP 404".into(),
                     status: Some(404),
+                    request: "{}".into(),
                 },
             ),
         ])
@@ -326,6 +326,7 @@ async fn attempts_and_outcomes_are_compare_and_set(store: Store) {
             Outcome::Failed {
                 error: "late".into(),
                 status: None,
+                request: String::new(),
             },
         )])
         .await
@@ -349,6 +350,7 @@ async fn attempts_and_outcomes_are_compare_and_set(store: Store) {
             Outcome::Failed {
                 error: "é".repeat(3000),
                 status: None,
+                request: String::new(),
             },
         )])
         .await
@@ -373,7 +375,29 @@ async fn pending_deliveries_survive_for_restart(store: Store) {
         (7, 1, 1007)
     );
     assert_eq!(p.fired_at, 8);
-    assert_eq!(p.request, "{\"snapshot\":true}");
+    assert_eq!(p.request, "", "no snapshot before the first outcome");
+    assert_eq!(p.job_spec.as_deref(), Some(job("r", 0).spec.as_str()));
+    // Once a retry is scheduled, the snapshot travels with the delivery.
+    let key = ExecKey {
+        job_id: "r".into(),
+        scheduled_at: 7,
+    };
+    store
+        .record_outcomes(&[(
+            key,
+            1,
+            Outcome::Retry {
+                next_attempt_at: 2_000,
+                error: "HTTP 503".into(),
+                status: Some(503),
+                request: "{\"snapshot\":true}".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    let pending = store.load_pending().await.unwrap();
+    assert_eq!(pending[0].request, "{\"snapshot\":true}");
+    assert_eq!(pending[0].next_attempt_at, 2_000);
     let execs = store.list_executions("r", 10).await.unwrap();
     assert_eq!(execs[1].status, ExecStatus::Missed);
     assert_eq!(execs[1].attempts, 0);

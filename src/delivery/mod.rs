@@ -105,7 +105,7 @@ pub fn spawn(
 pub fn resume_tasks(pending: Vec<PendingDelivery>) -> Vec<DeliveryTask> {
     pending
         .into_iter()
-        .filter_map(|p| match serde_json::from_str::<Target>(&p.request) {
+        .filter_map(|p| match stored_target(&p) {
             Ok(target) => Some(DeliveryTask {
                 key: p.key,
                 attempt: p.attempts + 1,
@@ -120,6 +120,17 @@ pub fn resume_tasks(pending: Vec<PendingDelivery>) -> Vec<DeliveryTask> {
             }
         })
         .collect()
+}
+
+/// The delivery's own snapshot if it has one, else the job's current definition.
+fn stored_target(p: &PendingDelivery) -> Result<Target, String> {
+    if !p.request.is_empty() {
+        return serde_json::from_str::<Target>(&p.request).map_err(|e| e.to_string());
+    }
+    let spec = p.job_spec.as_deref().ok_or("the job no longer exists")?;
+    serde_json::from_str::<crate::job::StoredSpec>(spec)
+        .map(|s| s.target())
+        .map_err(|e| e.to_string())
 }
 
 struct Dispatcher {
@@ -299,6 +310,7 @@ async fn record_outcomes(
 }
 
 fn outcome_of(task: &DeliveryTask, result: &Result<u16, http::AttemptError>) -> Outcome {
+    let snapshot = || serde_json::to_string(&*task.target).unwrap_or_default();
     match result {
         Ok(status) => Outcome::Succeeded { status: *status },
         Err(e) if e.is_retryable() && task.attempt < task.target.retry.max_attempts => {
@@ -307,15 +319,18 @@ fn outcome_of(task: &DeliveryTask, result: &Result<u16, http::AttemptError>) -> 
                 next_attempt_at: now_ms() + delay.as_millis() as i64,
                 error: e.to_string(),
                 status: e.status(),
+                request: snapshot(),
             }
         }
         Err(e) if e.is_retryable() => Outcome::Failed {
             error: format!("gave up after {} attempts: {e}", task.attempt),
             status: e.status(),
+            request: snapshot(),
         },
         Err(e) => Outcome::Failed {
             error: format!("not retried: {e}"),
             status: e.status(),
+            request: snapshot(),
         },
     }
 }

@@ -284,7 +284,6 @@ impl Actor {
                 fired_at
                     + crate::delivery::retry_delay(&job.target.retry, 1, None).as_millis() as i64,
             ),
-            request: job.target_json.clone(),
         }
     }
 
@@ -395,7 +394,6 @@ impl Actor {
                         fired_at: now,
                         status: ExecStatus::Missed,
                         next_attempt_at: None,
-                        request: "".into(),
                     });
                     metrics::FIRES_MISSED.inc();
                     recorded += 1;

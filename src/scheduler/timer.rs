@@ -97,7 +97,6 @@ mod tests {
             slot: 0,
             schedule: Schedule::parse("@every 1s", chrono_tz::UTC).unwrap(),
             target: Arc::new(target),
-            target_json: "{}".into(),
             paused: false,
             active_since: 0,
         })

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Store, StoreError, placeholders};
+use super::{Store, StoreError};
 
 /// Rows per multi-row statement; keeps bind counts far below both backends' limits.
 const CHUNK: usize = 500;
@@ -53,6 +53,11 @@ impl ExecStatus {
 /// A fire to record. `Pending` fires are recorded with `attempts = 1` *before* attempt 1 is
 /// sent (the contract: the attempt number is persisted before each attempt), with
 /// `next_attempt_at` = when to retry should the node die before recording the outcome.
+///
+/// The delivery snapshot (`request`) is not written here: most deliveries succeed at once,
+/// and writing ~300 bytes per fire only to clear them again was the largest share of the
+/// database's write volume. It is written with a retry or a failure; a delivery resumed
+/// after a crash before its first outcome uses the job's stored definition.
 #[derive(Debug, Clone)]
 pub struct NewFire {
     pub key: ExecKey,
@@ -61,8 +66,6 @@ pub struct NewFire {
     pub fired_at: i64,
     pub status: ExecStatus,
     pub next_attempt_at: Option<i64>,
-    /// The delivery snapshot (JSON of [`crate::job::Target`]); empty for `Missed`.
-    pub request: Arc<str>,
 }
 
 /// Where a job's schedule stands after a batch of fires.
@@ -78,14 +81,18 @@ pub enum Outcome {
     Succeeded {
         status: u16,
     },
+    /// `request` is the delivery snapshot, kept for the retry (JSON of [`crate::job::Target`]).
     Retry {
         next_attempt_at: i64,
         error: String,
         status: Option<u16>,
+        request: String,
     },
+    /// `request` is kept so a dead letter can be inspected and re-driven.
     Failed {
         error: String,
         status: Option<u16>,
+        request: String,
     },
 }
 
@@ -97,7 +104,10 @@ pub struct PendingDelivery {
     pub attempts: u32,
     pub next_attempt_at: i64,
     pub fired_at: i64,
+    /// The stored snapshot; empty when attempt 1's outcome was never recorded.
     pub request: String,
+    /// The job's stored `spec`, the fallback for an empty snapshot (None: job gone).
+    pub job_spec: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +152,11 @@ fn exec_from_row(row: &AnyRow) -> Result<ExecutionRecord, StoreError> {
     })
 }
 
+/// `(?, ?, ?, ?, ?, ?, ?, ?, ?, '')` per row: the snapshot column starts empty.
+fn fire_rows(rows: usize) -> String {
+    vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, '')"; rows].join(", ")
+}
+
 impl Store {
     /// Records fires and advances their jobs, atomically. Returns, per fire, whether this call
     /// inserted it: `false` means the row existed (already dispatched) and must not be sent.
@@ -158,7 +173,7 @@ impl Store {
                 "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, attempts, \
                  status, next_attempt_at, request) VALUES {}",
                 self.insert_ignore(),
-                placeholders(chunk.len(), 10)
+                fire_rows(chunk.len())
             ));
             let mut q = sqlx::query(sql);
             for f in chunk {
@@ -171,8 +186,7 @@ impl Store {
                     .bind(node.to_string())
                     .bind(i64::from(f.status == ExecStatus::Pending))
                     .bind(f.status.as_str())
-                    .bind(f.next_attempt_at)
-                    .bind(f.request.to_string());
+                    .bind(f.next_attempt_at);
             }
             let n = q.execute(&mut *tx).await?.rows_affected();
             if n == chunk.len() as u64 {
@@ -281,20 +295,28 @@ impl Store {
                     next_attempt_at,
                     error,
                     status,
+                    request,
                 } => sqlx::query(
-                    "UPDATE executions SET next_attempt_at = ?, last_error = ?, response_status = ? \
+                    "UPDATE executions SET next_attempt_at = ?, last_error = ?, response_status = ?, \
+                     request = ? \
                      WHERE job_id = ? AND scheduled_at = ? AND attempts = ? AND status = 'pending'",
                 )
                 .bind(*next_attempt_at)
                 .bind(truncate(error).to_string())
-                .bind(status.map(i64::from)),
-                Outcome::Failed { error, status } => sqlx::query(
+                .bind(status.map(i64::from))
+                .bind(request.clone()),
+                Outcome::Failed {
+                    error,
+                    status,
+                    request,
+                } => sqlx::query(
                     "UPDATE executions SET status = 'failed', next_attempt_at = NULL, \
-                     last_error = ?, response_status = ? \
+                     last_error = ?, response_status = ?, request = ? \
                      WHERE job_id = ? AND scheduled_at = ? AND attempts = ? AND status = 'pending'",
                 )
                 .bind(truncate(error).to_string())
-                .bind(status.map(i64::from)),
+                .bind(status.map(i64::from))
+                .bind(request.clone()),
             };
             let n = q
                 .bind(key.job_id.to_string())
@@ -312,8 +334,9 @@ impl Store {
     /// Every pending delivery (start-up: resume them with their next attempt number).
     pub async fn load_pending(&self) -> Result<Vec<PendingDelivery>, StoreError> {
         let rows = sqlx::query(
-            "SELECT job_id, scheduled_at, slot, attempts, next_attempt_at, fired_at, request \
-             FROM executions WHERE status = 'pending'",
+            "SELECT e.job_id, e.scheduled_at, e.slot, e.attempts, e.next_attempt_at, e.fired_at, \
+             e.request, j.spec FROM executions e LEFT JOIN jobs j ON j.id = e.job_id \
+             WHERE e.status = 'pending'",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -332,6 +355,7 @@ impl Store {
                         .unwrap_or(0),
                     fired_at: row.try_get("fired_at")?,
                     request: row.try_get("request")?,
+                    job_spec: row.try_get("spec")?,
                 })
             })
             .collect()

@@ -166,12 +166,6 @@ fn sqlite_url(rest: &str) -> String {
     }
 }
 
-/// Placeholder list `(?, ?, ?), (?, ?, ?)` for multi-row statements.
-fn placeholders(rows: usize, cols: usize) -> String {
-    let row = format!("({})", vec!["?"; cols].join(", "));
-    vec![row; rows].join(", ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,10 +178,5 @@ mod tests {
             "sqlite://a.db?cache=shared&mode=rwc"
         );
         assert_eq!(sqlite_url("//a.db?mode=ro"), "sqlite://a.db?mode=ro");
-    }
-
-    #[test]
-    fn placeholder_lists() {
-        assert_eq!(placeholders(2, 2), "(?, ?), (?, ?)");
     }
 }
