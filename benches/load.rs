@@ -112,10 +112,9 @@ impl Node {
         std::thread::spawn(move || for _ in lines.by_ref() {});
         let client = reqwest::Client::new();
         loop {
-            if let Ok(r) = client.get(format!("http://{addr}/readyz")).send().await {
-                if r.status().is_success() {
-                    break;
-                }
+            let ready = client.get(format!("http://{addr}/readyz")).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                break;
             }
             if started.elapsed() > Duration::from_secs(600) {
                 return Err("node not ready after 600 s".into());
@@ -225,7 +224,7 @@ async fn insert_jobs(
                 .bind(anchor(i));
         }
         q.execute(&pool).await?;
-        if end % 100_000 == 0 {
+        if end.is_multiple_of(100_000) {
             eprintln!(
                 "  inserted {end}/{n} jobs ({:.0} s)",
                 started.elapsed().as_secs_f64()

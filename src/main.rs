@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the database schema (serve also does this on start)
     Migrate {
         #[arg(long, env = "CHIME_DATABASE_URL", default_value = chime::config::DEFAULT_DATABASE_URL)]

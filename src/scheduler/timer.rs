@@ -21,10 +21,8 @@ impl Timer {
     /// Adds or replaces a job; `due = None` keeps it known but unarmed (paused, finished).
     pub fn insert(&mut self, job: Arc<Job>, due: Option<i64>) {
         let id = job.id.clone();
-        if let Some(old) = self.jobs.insert(id.clone(), Entry { job, due }) {
-            if let Some(d) = old.due {
-                self.queue.remove(&(d, id.clone()));
-            }
+        if let Some(Entry { due: Some(d), .. }) = self.jobs.insert(id.clone(), Entry { job, due }) {
+            self.queue.remove(&(d, id.clone()));
         }
         if let Some(d) = due {
             self.queue.insert((d, id));
