@@ -110,6 +110,10 @@ pub static FIRES_DEDUPED: Counter = Counter::new(
     "chime_fires_deduplicated_total",
     "Fires found already recorded (dispatched before) and not sent again.",
 );
+pub static FIRES_FENCED: Counter = Counter::new(
+    "chime_fires_fenced_total",
+    "Fires not dispatched because this node no longer held their slot's lease.",
+);
 pub static FIRES_MISSED: Counter = Counter::new(
     "chime_fires_missed_total",
     "Scheduled times older than the catch-up window, recorded as missed.",
@@ -138,6 +142,10 @@ pub static RECORD_BATCH_SECONDS: Histogram = Histogram::new(
     "chime_record_batch_seconds",
     "Time to record one batch of fires in the database.",
 );
+pub static REBALANCE_SECONDS: Histogram = Histogram::new(
+    "chime_rebalance_seconds",
+    "Time to acquire gained slots and arm their jobs.",
+);
 pub static DELIVERY_DELAY_SECONDS: Histogram = Histogram::new(
     "chime_delivery_delay_seconds",
     "Time from scheduled time to the end of the first callback attempt.",
@@ -146,7 +154,13 @@ pub static DELIVERY_DELAY_SECONDS: Histogram = Histogram::new(
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
     let mut out = String::with_capacity(4096);
-    for c in [&FIRES, &FIRES_DEDUPED, &FIRES_MISSED, &STORE_ERRORS] {
+    for c in [
+        &FIRES,
+        &FIRES_DEDUPED,
+        &FIRES_FENCED,
+        &FIRES_MISSED,
+        &STORE_ERRORS,
+    ] {
         let _ = writeln!(
             out,
             "# HELP {} {}\n# TYPE {} counter\n{} {}",
@@ -186,6 +200,7 @@ pub fn render() -> String {
     for h in [
         &FIRE_LAG_SECONDS,
         &RECORD_BATCH_SECONDS,
+        &REBALANCE_SECONDS,
         &DELIVERY_DELAY_SECONDS,
     ] {
         let _ = writeln!(

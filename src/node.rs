@@ -1,11 +1,14 @@
 //! Builds a node from its parts and runs it: the only module that knows all the others.
 //!
 //! Start-up: database (connect, migrate) → delivery → scheduler → HTTP listener (health
-//! answers, `/v1` says 503 "starting") → load jobs and pending deliveries → ready.
-//! Shutdown: not ready → HTTP server drains → scheduler and delivery stop (attempts in
-//! flight get `shutdown_grace` to finish; the rest stay pending in the store) → close.
+//! answers, `/v1` says 503 "starting") → gossip as `ready` → ownership takes the slot
+//! leases the ring gives this node and loads their jobs and pending deliveries → ready.
+//! Shutdown (SIGTERM): not ready, gossip `leaving` → stop firing and release every lease →
+//! HTTP server drains → delivery gets `shutdown_grace` for attempts in flight (the rest stay
+//! pending in the store for the slot's next owner) → gossip stops → close.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,22 +17,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiConfig, ApiState};
-use crate::clock::now_ms;
+use crate::cluster::{Cluster, ClusterConfig, ClusterError, Leases, MemberState};
 use crate::config::{Config, redact_url};
-use crate::job::Job;
-use crate::scheduler::{SchedulerConfig, SchedulerHandle};
-use crate::store::{Store, StoreError};
+use crate::scheduler::SchedulerConfig;
+use crate::scheduler::ownership::Ownership;
+use crate::store::{Dialect, Store, StoreError};
 use crate::{delivery, scheduler};
-
-/// Jobs armed per scheduler command while loading.
-const LOAD_CHUNK: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("cannot open database {url}: {source}; check --database-url and that the server is up")]
     Database { url: String, source: StoreError },
-    #[error("cannot load jobs: {0}")]
-    Load(StoreError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("http server failed: {0}")]
     Http(std::io::Error),
 }
@@ -46,18 +46,22 @@ pub async fn serve(
     };
     let store = Store::connect(&config.database_url).await.map_err(db_err)?;
     store.migrate().await.map_err(db_err)?;
+    store.ensure_lease_rows().await.map_err(db_err)?;
 
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let leases = Arc::new(Leases::default());
     let delivery = delivery::spawn(
         delivery::DeliveryConfig {
             concurrency: config.delivery_concurrency,
             shutdown_grace: config.shutdown_grace,
         },
         store.clone(),
+        leases.clone(),
         cancel.child_token(),
         &tasks,
     );
+    let (lost_tx, lost_rx) = tokio::sync::mpsc::unbounded_channel();
     let scheduler = scheduler::spawn(
         SchedulerConfig {
             node_id: config.node_id.as_str().into(),
@@ -67,19 +71,43 @@ pub async fn serve(
         },
         store.clone(),
         delivery.clone(),
+        leases.clone(),
+        lost_tx,
         cancel.child_token(),
         &tasks,
     );
 
     let local_addr = listener.local_addr().map_err(NodeError::Http)?;
+    let advertise_ip = advertise_ip(&config, local_addr);
+    let http_advertise = SocketAddr::new(advertise_ip, local_addr.port());
+    let cluster = if store.dialect() == Dialect::Sqlite {
+        // An embedded database cannot be shared: this node is the whole cluster.
+        Cluster::solo(&config.node_id, http_advertise)
+    } else {
+        Cluster::join(
+            ClusterConfig {
+                node_id: config.node_id.clone(),
+                cluster_id: config.cluster_id.clone(),
+                gossip_addr: config.gossip_addr,
+                gossip_advertise: SocketAddr::new(advertise_ip, config.gossip_addr.port()),
+                http_advertise,
+                seeds: config.seeds.clone(),
+            },
+            cancel.child_token(),
+            &tasks,
+        )
+        .await?
+    };
     let state = ApiState::new(
         ApiConfig {
             node_id: config.node_id.clone(),
-            http_addr: local_addr.to_string(),
             api_token: config.api_token.clone(),
+            max_body_bytes: config.max_body_bytes,
         },
         store.clone(),
         scheduler.clone(),
+        cluster.clone(),
+        leases.clone(),
     );
     let app = api::router(state.clone(), config.max_body_bytes);
     let http_stop = CancellationToken::new();
@@ -93,7 +121,7 @@ pub async fn serve(
     };
     tracing::info!(node_id = %config.node_id, database = %redact_url(&config.database_url), "chime listening on http://{local_addr}");
 
-    // Shutdown may be requested while loading; watch for it from here on.
+    // Shutdown may be requested at any point from here on.
     let stop_requested = CancellationToken::new();
     {
         let stop_requested = stop_requested.clone();
@@ -103,38 +131,40 @@ pub async fn serve(
         });
     }
 
-    let loaded = tokio::select! {
-        r = load(&store, &scheduler, &delivery) => Some(r),
-        _ = stop_requested.cancelled() => None,
-    };
-    match loaded {
-        Some(Ok(())) => {
+    // Joining the ring as `ready` makes peers hand over this node's share; the ownership
+    // worker takes the leases as they are released (or expire) and loads their jobs.
+    cluster.set_state(MemberState::Ready).await;
+    let started = Instant::now();
+    let (first_pass_tx, first_pass_rx) = tokio::sync::oneshot::channel();
+    let ownership_stop = CancellationToken::new();
+    let ownership = tokio::spawn(
+        Ownership {
+            node_id: config.node_id.as_str().into(),
+            store: store.clone(),
+            scheduler: scheduler.clone(),
+            delivery: delivery.clone(),
+            leases: leases.clone(),
+            ring: cluster.ring_watch(),
+            lost_rx,
+            first_pass: Some(first_pass_tx),
+        }
+        .run(ownership_stop.clone()),
+    );
+    tokio::select! {
+        _ = first_pass_rx => {
             state.set_ready(true);
+            tracing::info!(slots = leases.count(), elapsed_ms = started.elapsed().as_millis() as u64, "node ready");
             stop_requested.cancelled().await;
         }
-        Some(Err(e)) => {
-            tracing::error!(error = %e, "start-up failed");
-            stop(&http_stop, http, &cancel, &tasks, &store, &config).await;
-            return Err(e);
-        }
-        None => {}
+        _ = stop_requested.cancelled() => {}
     }
-    tracing::info!("shutting down");
-    state.set_ready(false);
-    stop(&http_stop, http, &cancel, &tasks, &store, &config).await;
-    tracing::info!("stopped");
-    Ok(())
-}
 
-async fn stop(
-    http_stop: &CancellationToken,
-    http: tokio::task::JoinHandle<std::io::Result<()>>,
-    cancel: &CancellationToken,
-    tasks: &TaskTracker,
-    store: &Store,
-    config: &Config,
-) {
-    // API first, so no write races the scheduler's exit; then the background workers.
+    tracing::info!("shutting down: leaving the cluster");
+    state.set_ready(false);
+    cluster.set_state(MemberState::Leaving).await;
+    // Stop firing and release every lease at once, so the next owners start within a tick.
+    ownership_stop.cancel();
+    let _ = ownership.await;
     http_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(5), http).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server ended with an error"),
@@ -146,61 +176,30 @@ async fn stop(
     let deadline = config.shutdown_grace + Duration::from_secs(5);
     if tokio::time::timeout(deadline, tasks.wait()).await.is_err() {
         tracing::warn!(
-            "background tasks did not stop within {deadline:?}; exiting anyway (pending deliveries resume after restart)"
+            "background tasks did not stop within {deadline:?}; exiting anyway (pending deliveries resume on the slot's next owner)"
         );
     }
+    cluster.shutdown().await;
     store.close().await;
+    tracing::info!("stopped");
+    Ok(())
 }
 
-/// Arms every stored job and queues every pending delivery.
-async fn load(
-    store: &Store,
-    scheduler: &SchedulerHandle,
-    delivery: &delivery::DeliveryHandle,
-) -> Result<(), NodeError> {
-    let started = Instant::now();
-    let now = now_ms();
-    let mut chunk = Vec::with_capacity(LOAD_CHUNK);
-    let mut chunks = Vec::new();
-    let mut broken = 0u64;
-    let total = store
-        .for_each_job(|rec| {
-            match Job::from_stored(&rec.id, rec.slot, &rec.spec, rec.paused, rec.active_since) {
-                Ok(job) => {
-                    // The stored next time is where this job stands; one in the past is made
-                    // up by the scheduler's normal catch-up (within the window, then once).
-                    let due = if rec.paused { None } else { rec.next_fire_at };
-                    chunk.push((Arc::new(job), due));
-                    if chunk.len() == LOAD_CHUNK {
-                        chunks.push(std::mem::replace(&mut chunk, Vec::with_capacity(LOAD_CHUNK)));
-                    }
-                }
-                Err(e) => {
-                    broken += 1;
-                    tracing::error!(job_id = %rec.id, error = %e, "stored job cannot be read; it will not fire until it is replaced");
-                }
-            }
-            Ok(())
-        })
-        .await
-        .map_err(NodeError::Load)?;
-    chunks.push(chunk);
-    for c in chunks {
-        scheduler
-            .arm_many(c)
-            .await
-            .map_err(|_| NodeError::Load(StoreError::Corrupt("scheduler stopped".into())))?;
+/// The address peers reach this node at: `--advertise-addr`, else the listen address, else
+/// (listening on all interfaces) loopback, which only suits a single machine.
+fn advertise_ip(config: &Config, local: SocketAddr) -> IpAddr {
+    if let Some(ip) = config
+        .advertise_addr
+        .as_deref()
+        .and_then(|a| a.parse::<IpAddr>().ok())
+    {
+        return ip;
     }
-    let pending = store.load_pending().await.map_err(NodeError::Load)?;
-    let resumed = pending.len();
-    delivery.submit(delivery::resume_tasks(pending));
-    tracing::info!(
-        jobs = total,
-        unreadable = broken,
-        pending_deliveries = resumed,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        behind_ms = now_ms() - now,
-        "jobs loaded, node ready"
-    );
-    Ok(())
+    if local.ip().is_unspecified() {
+        tracing::warn!(
+            "listening on all interfaces without --advertise-addr; advertising 127.0.0.1"
+        );
+        return IpAddr::from([127, 0, 0, 1]);
+    }
+    local.ip()
 }

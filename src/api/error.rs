@@ -89,6 +89,9 @@ impl From<SchedulerError> for ApiError {
     fn from(e: SchedulerError) -> Self {
         match e {
             SchedulerError::Stopped => ApiError::unavailable("the node is shutting down"),
+            SchedulerError::NotOwner => {
+                ApiError::unavailable("the job's slot is moving between nodes; retry shortly")
+            }
             SchedulerError::Store(s) => s.into(),
         }
     }

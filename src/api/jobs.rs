@@ -137,6 +137,7 @@ pub async fn put(
     let now = now_ms();
     let valid = input.validate(Some(&id), job::generate_id, now)?;
     let (rec, job) = record_of(&valid, now)?;
+    state.require_lease(&id)?;
     let _guard = state.lock(&id).await;
     let previous = state.scheduler.disarm(&id).await?;
     let outcome = match state.store.put_job(&rec).await {
@@ -167,8 +168,9 @@ pub async fn create(
     JsonBody(input): JsonBody<JobInput>,
 ) -> Result<Response, ApiError> {
     let now = now_ms();
-    let valid = input.validate(None, job::generate_id, now)?;
+    let valid = input.validate(None, || owned_id(&state), now)?;
     let (rec, job) = record_of(&valid, now)?;
+    state.require_lease(&rec.id)?;
     let _guard = state.lock(&rec.id).await;
     match state.store.insert_job(&rec).await {
         Ok(()) => {}
@@ -198,7 +200,30 @@ pub async fn get(
         .get_job(&id)
         .await?
         .ok_or_else(|| not_found(&id))?;
-    Ok(Json(JobView::new(rec, &state.node_id)?))
+    // The owner is whoever holds the slot's lease (it fires the job), else the ring's pick.
+    let owner = match state.store.lease_holder(rec.slot).await? {
+        Some(holder) => holder,
+        None => state
+            .cluster
+            .ring()
+            .owner_of(rec.slot)
+            .unwrap_or(&state.node_id)
+            .to_string(),
+    };
+    Ok(Json(JobView::new(rec, &owner)?))
+}
+
+/// An id for a job created without one, in a slot this node holds, so the request needs no
+/// hop (with N nodes, one random id in N lands in our slots).
+fn owned_id(state: &ApiState) -> String {
+    let mut id = job::generate_id();
+    for _ in 0..256 {
+        if state.leases.holds(job::slot_of(&id)) {
+            break;
+        }
+        id = job::generate_id();
+    }
+    id
 }
 
 #[derive(Deserialize)]
@@ -253,6 +278,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     check_path_id(&id)?;
+    state.require_lease(&id)?;
     let _guard = state.lock(&id).await;
     let previous = state.scheduler.disarm(&id).await?;
     match state.store.delete_job(&id).await {
@@ -280,6 +306,7 @@ pub async fn trigger(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     check_path_id(&id)?;
+    state.require_lease(&id)?;
     let _guard = state.lock(&id).await;
     let rec = state
         .store
@@ -322,6 +349,7 @@ pub async fn resume(
 
 async fn set_paused(state: ApiState, id: String, paused: bool) -> Result<Json<JobView>, ApiError> {
     check_path_id(&id)?;
+    state.require_lease(&id)?;
     let _guard = state.lock(&id).await;
     let rec = state
         .store
@@ -333,10 +361,9 @@ async fn set_paused(state: ApiState, id: String, paused: bool) -> Result<Json<Jo
         return Ok(Json(JobView::new(rec, &state.node_id)?));
     }
     let now = now_ms();
-    let mut job = Job::from_stored(&rec.id, rec.slot, &rec.spec, paused, now)
+    let job = Job::from_stored(&rec.id, rec.slot, &rec.spec, paused, now)
+        .map(Arc::new)
         .map_err(|e| ApiError::Internal(format!("job {id}: {e}")))?;
-    job.paused = paused;
-    let job = Arc::new(job);
     let due = job.first_due(now);
     let previous = state.scheduler.disarm(&id).await?;
     let updated = match state.store.set_paused(&id, paused, now, due).await {

@@ -2,6 +2,7 @@
 
 mod error;
 mod extract;
+mod forward;
 mod jobs;
 pub(crate) mod system;
 
@@ -18,6 +19,7 @@ use axum::routing::{get, post, put};
 pub use error::ApiError;
 pub use system::{MAX_PREVIEW, preview_times};
 
+use crate::cluster::{Cluster, Leases};
 use crate::scheduler::SchedulerHandle;
 use crate::store::Store;
 
@@ -30,9 +32,13 @@ const LOCK_STRIPES: usize = 1024;
 #[derive(Clone)]
 pub struct ApiState {
     node_id: Arc<str>,
-    http_addr: Arc<str>,
     store: Store,
     scheduler: SchedulerHandle,
+    cluster: Cluster,
+    leases: Arc<Leases>,
+    /// Client for forwarding requests to other nodes.
+    forwarder: reqwest::Client,
+    max_body_bytes: usize,
     api_token: Option<Arc<str>>,
     ready: Arc<AtomicBool>,
     locks: Arc<[tokio::sync::Mutex<()>]>,
@@ -40,17 +46,30 @@ pub struct ApiState {
 
 pub struct ApiConfig {
     pub node_id: String,
-    pub http_addr: String,
     pub api_token: Option<String>,
+    pub max_body_bytes: usize,
 }
 
 impl ApiState {
-    pub fn new(config: ApiConfig, store: Store, scheduler: SchedulerHandle) -> Self {
+    pub fn new(
+        config: ApiConfig,
+        store: Store,
+        scheduler: SchedulerHandle,
+        cluster: Cluster,
+        leases: Arc<Leases>,
+    ) -> Self {
         ApiState {
             node_id: config.node_id.into(),
-            http_addr: config.http_addr.into(),
             store,
             scheduler,
+            cluster,
+            leases,
+            forwarder: reqwest::Client::builder()
+                .no_proxy()
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .build()
+                .expect("a client with static settings builds"),
+            max_body_bytes: config.max_body_bytes,
             api_token: config.api_token.map(Into::into),
             ready: Arc::new(AtomicBool::new(false)),
             locks: (0..LOCK_STRIPES).map(|_| Default::default()).collect(),
@@ -64,6 +83,19 @@ impl ApiState {
 
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Writes of a job happen only on the holder of its slot's lease, so that the scheduler
+    /// that fires the job is the one that sees the write.
+    fn require_lease(&self, id: &str) -> Result<(), ApiError> {
+        let slot = crate::job::slot_of(id);
+        if self.leases.holds(slot) {
+            Ok(())
+        } else {
+            Err(ApiError::unavailable(format!(
+                "slot {slot} of job {id:?} is moving to this node; retry shortly"
+            )))
+        }
     }
 
     async fn lock(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
@@ -87,6 +119,10 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/schedule/preview", get(system::preview))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
+            forward::route_to_owner,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
             extract::require_ready,
         ))
         .route_layer(middleware::from_fn_with_state(
@@ -107,8 +143,9 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
             let node_header = node_header.clone();
             async move {
                 let mut resp: Response = next.run(req).await;
+                // A forwarded response already names the node that handled it.
                 if let Some(v) = node_header {
-                    resp.headers_mut().insert("x-chime-node", v);
+                    resp.headers_mut().entry("x-chime-node").or_insert(v);
                 }
                 resp
             }

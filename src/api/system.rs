@@ -1,5 +1,7 @@
 //! Cluster view, schedule preview, health, readiness, metrics.
 
+use std::collections::HashMap;
+
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
@@ -13,27 +15,50 @@ use crate::job::{FieldError, SLOTS};
 use crate::schedule::{Schedule, parse_timezone};
 
 #[derive(Serialize)]
-struct Member {
+struct MemberView {
     node_id: String,
     http_addr: String,
     state: &'static str,
-    slots: u32,
-    jobs: usize,
+    /// Slots the ring assigns to this member.
+    ring_slots: u32,
+    /// Slots whose lease this member holds (it fires their jobs).
+    leased_slots: u32,
+    /// Jobs in the slots the ring assigns to this member.
+    jobs: u64,
 }
 
 pub async fn cluster(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    let stats = state.scheduler.stats().await?;
-    let members = vec![Member {
-        node_id: state.node_id.to_string(),
-        http_addr: state.http_addr.to_string(),
-        state: "ready",
-        slots: SLOTS,
-        jobs: stats.jobs,
-    }];
+    let members = state.cluster.members();
+    let ring = state.cluster.ring();
+    let leased: HashMap<String, u32> = state.store.lease_counts().await?.into_iter().collect();
+    let mut jobs_by_owner: HashMap<&str, u64> = HashMap::new();
+    let mut total_jobs = 0;
+    for (slot, n) in state.store.jobs_per_slot().await? {
+        total_jobs += n;
+        if let Some(owner) = ring.owner_of(slot) {
+            *jobs_by_owner.entry(owner).or_default() += n;
+        }
+    }
+    let shares: HashMap<String, u32> = ring
+        .shares()
+        .into_iter()
+        .map(|(m, n)| (m.to_string(), n))
+        .collect();
+    let views: Vec<MemberView> = members
+        .iter()
+        .map(|m| MemberView {
+            node_id: m.node_id.clone(),
+            http_addr: m.http_addr.to_string(),
+            state: m.state.as_str(),
+            ring_slots: shares.get(&m.node_id).copied().unwrap_or(0),
+            leased_slots: leased.get(&m.node_id).copied().unwrap_or(0),
+            jobs: jobs_by_owner.get(m.node_id.as_str()).copied().unwrap_or(0),
+        })
+        .collect();
     Ok(Json(json!({
         "node_id": state.node_id,
-        "members": members,
-        "ring": {"slots": SLOTS, "nodes": 1},
+        "members": views,
+        "ring": {"slots": SLOTS, "nodes": ring.members().len(), "jobs": total_jobs},
     }))
     .into_response())
 }

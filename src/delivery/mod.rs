@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 pub use retry::retry_delay;
 
 use crate::clock::{now_ms, now_us};
+use crate::cluster::Leases;
 use crate::job::{Callback, Target};
 use crate::metrics;
 use crate::store::{ExecKey, Outcome, PendingDelivery, Store};
@@ -33,6 +34,8 @@ const OUTCOME_BATCH: usize = 500;
 #[derive(Debug, Clone)]
 pub struct DeliveryTask {
     pub key: ExecKey,
+    /// The job's slot: a delivery is attempted only while this node holds the slot.
+    pub slot: u32,
     pub attempt: u32,
     /// True when `attempt` is already stored (attempt 1 of a fresh fire).
     pub attempt_persisted: bool,
@@ -67,6 +70,7 @@ pub struct DeliveryConfig {
 pub fn spawn(
     config: DeliveryConfig,
     store: Store,
+    leases: Arc<Leases>,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> DeliveryHandle {
@@ -92,6 +96,7 @@ pub fn spawn(
         attempts: TaskTracker::new(),
         outcome_tx,
         requeue: handle.clone(),
+        leases,
         cancel: cancel.clone(),
         grace: config.shutdown_grace,
     };
@@ -108,6 +113,7 @@ pub fn resume_tasks(pending: Vec<PendingDelivery>) -> Vec<DeliveryTask> {
         .filter_map(|p| match stored_target(&p) {
             Ok(target) => Some(DeliveryTask {
                 key: p.key,
+                slot: p.slot,
                 attempt: p.attempts + 1,
                 attempt_persisted: false,
                 due: p.next_attempt_at,
@@ -144,6 +150,7 @@ struct Dispatcher {
     attempts: TaskTracker,
     outcome_tx: mpsc::UnboundedSender<(DeliveryTask, Result<u16, http::AttemptError>)>,
     requeue: DeliveryHandle,
+    leases: Arc<Leases>,
     cancel: CancellationToken,
     grace: Duration,
 }
@@ -202,6 +209,11 @@ impl Dispatcher {
                 _ = self.cancel.cancelled() => return,
             };
             let task = entry.remove();
+            if !self.leases.holds(task.slot) {
+                // The slot moved: its new owner loaded this delivery from the store.
+                drop(permit);
+                continue;
+            }
             let store = self.store.clone();
             let client = self.client.clone();
             let outcome_tx = self.outcome_tx.clone();

@@ -10,6 +10,7 @@
 //! the old definition is in flight, so after the API responds a paused, deleted or replaced
 //! job never fires with its old definition.
 
+pub mod ownership;
 mod retention;
 mod timer;
 
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::{now_ms, now_us};
+use crate::cluster::Leases;
 use crate::delivery::{DeliveryHandle, DeliveryTask};
 use crate::job::Job;
 use crate::metrics;
@@ -34,6 +36,8 @@ const MAX_BATCH: usize = 2000;
 pub enum SchedulerError {
     #[error("scheduler is shutting down")]
     Stopped,
+    #[error("this node does not hold the job's slot")]
+    NotOwner,
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }
@@ -65,6 +69,10 @@ enum Command {
     Disarm {
         id: Arc<str>,
         done: oneshot::Sender<Option<(Arc<Job>, Option<i64>)>>,
+    },
+    DropSlots {
+        slots: Vec<u32>,
+        done: oneshot::Sender<usize>,
     },
     Trigger {
         job: Arc<Job>,
@@ -119,6 +127,11 @@ impl SchedulerHandle {
         self.call(|done| Command::Disarm { id, done }).await
     }
 
+    /// Forgets every job of `slots`; answers once no batch of them is in flight.
+    pub async fn drop_slots(&self, slots: Vec<u32>) -> Result<usize, SchedulerError> {
+        self.call(|done| Command::DropSlots { slots, done }).await
+    }
+
     /// Fires the job now, out of schedule.
     pub async fn trigger(&self, job: Arc<Job>) -> Result<Triggered, SchedulerError> {
         self.call(|done| Command::Trigger { job, done }).await?
@@ -129,11 +142,14 @@ impl SchedulerHandle {
     }
 }
 
-/// Starts the scheduler actor and its retention worker on `tracker`.
+/// Starts the scheduler actor and its retention worker on `tracker`. Fires are fenced by
+/// `leases`; slots found lost are reported on `lost_tx`.
 pub fn spawn(
     config: SchedulerConfig,
     store: Store,
     delivery: DeliveryHandle,
+    leases: Arc<Leases>,
+    lost_tx: mpsc::UnboundedSender<Vec<u32>>,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> SchedulerHandle {
@@ -161,6 +177,8 @@ pub fn spawn(
         fired_since_prune: HashMap::new(),
         prune_tx,
         last_manual: HashMap::new(),
+        leases,
+        lost_tx,
     };
     tracker.spawn(actor.run());
     SchedulerHandle { tx }
@@ -181,6 +199,8 @@ struct Actor {
     /// Last manual fire time per job in this process, so two triggers in one millisecond
     /// get distinct scheduled times instead of colliding on the primary key.
     last_manual: HashMap<Arc<str>, i64>,
+    leases: Arc<Leases>,
+    lost_tx: mpsc::UnboundedSender<Vec<u32>>,
 }
 
 impl Actor {
@@ -226,6 +246,11 @@ impl Actor {
                 self.last_manual.remove(&id);
                 let _ = done.send(self.timer.remove(&id));
             }
+            Command::DropSlots { slots, done } => {
+                let slots: std::collections::HashSet<u32> = slots.into_iter().collect();
+                let dropped = self.timer.remove_where(|job| slots.contains(&job.slot));
+                let _ = done.send(dropped);
+            }
             Command::Trigger { job, done } => {
                 let _ = done.send(self.trigger(job).await);
             }
@@ -249,11 +274,19 @@ impl Actor {
         // A same-millisecond scheduled fire can hold the key; move on by a millisecond.
         let mut fire = fire;
         for _ in 0..5 {
-            let inserted = self
+            let recorded = self
                 .store
-                .record_fires(&self.node, std::slice::from_ref(&fire), &[])
+                .record_fires(
+                    &self.node,
+                    std::slice::from_ref(&fire),
+                    &[],
+                    &self.leases.snapshot(),
+                )
                 .await?;
-            if inserted.first() == Some(&true) {
+            if !recorded.lost_slots.is_empty() {
+                return Err(SchedulerError::NotOwner);
+            }
+            if recorded.inserted.first() == Some(&true) {
                 self.last_manual
                     .insert(job.id.clone(), fire.key.scheduled_at);
                 metrics::FIRES.inc();
@@ -290,6 +323,7 @@ impl Actor {
     fn task(&self, job: &Arc<Job>, fire: &NewFire) -> DeliveryTask {
         DeliveryTask {
             key: fire.key.clone(),
+            slot: job.slot,
             attempt: 1,
             attempt_persisted: true,
             due: fire.fired_at,
@@ -320,6 +354,7 @@ impl Actor {
                 job.id.clone(),
                 Progress {
                     job_id: job.id.clone(),
+                    slot: job.slot,
                     last_fire_at: fire_at,
                     next_fire_at: next,
                 },
@@ -330,9 +365,14 @@ impl Actor {
         }
         let progress: Vec<Progress> = progress.into_values().collect();
         let started = std::time::Instant::now();
-        let inserted = loop {
-            match self.store.record_fires(&self.node, &fires, &progress).await {
-                Ok(inserted) => break inserted,
+        let recorded = loop {
+            let leases = self.leases.snapshot();
+            match self
+                .store
+                .record_fires(&self.node, &fires, &progress, &leases)
+                .await
+            {
+                Ok(recorded) => break recorded,
                 Err(e) => {
                     // Nothing is lost: the batch is retried until the database is back (or,
                     // on shutdown, made up after restart since last_fire_at did not move).
@@ -346,6 +386,15 @@ impl Actor {
             }
         };
         metrics::RECORD_BATCH_SECONDS.observe(started.elapsed().as_secs_f64());
+        let inserted = recorded.inserted;
+        if !recorded.lost_slots.is_empty() {
+            // Another node holds these now (our lease expired, e.g. during a database outage):
+            // their jobs are its to fire. Forget them here; ownership may re-acquire later.
+            let lost: std::collections::HashSet<u32> =
+                recorded.lost_slots.iter().copied().collect();
+            self.timer.remove_where(|job| lost.contains(&job.slot));
+            let _ = self.lost_tx.send(recorded.lost_slots);
+        }
         let mut tasks = Vec::with_capacity(fired_jobs.len());
         for (job, idx) in fired_jobs {
             let fire = &fires[idx];
@@ -353,6 +402,8 @@ impl Actor {
             if inserted[idx] {
                 metrics::FIRES.inc();
                 tasks.push(self.task(&job, fire));
+            } else if !self.leases.holds(job.slot) {
+                metrics::FIRES_FENCED.inc();
             } else {
                 metrics::FIRES_DEDUPED.inc();
                 tracing::info!(job_id = %job.id, scheduled_at = fire.key.scheduled_at, "fire already recorded, not dispatched again");

@@ -37,6 +37,20 @@ impl Timer {
         Some((entry.job, entry.due))
     }
 
+    /// Removes every job matching `pred` (a slot handed over); O(jobs).
+    pub fn remove_where(&mut self, pred: impl Fn(&Job) -> bool) -> usize {
+        let ids: Vec<Arc<str>> = self
+            .jobs
+            .iter()
+            .filter(|(_, e)| pred(&e.job))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            self.remove(id);
+        }
+        ids.len()
+    }
+
     pub fn next_due(&self) -> Option<i64> {
         self.queue.first().map(|(d, _)| *d)
     }

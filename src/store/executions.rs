@@ -3,6 +3,7 @@
 //! Write paths are batched (one multi-row statement per batch) because they run once per
 //! fire: a node firing thousands of jobs a second must not pay a round trip per fire.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use sqlx::Row;
@@ -72,6 +73,7 @@ pub struct NewFire {
 #[derive(Debug, Clone)]
 pub struct Progress {
     pub job_id: Arc<str>,
+    pub slot: u32,
     pub last_fire_at: i64,
     pub next_fire_at: Option<i64>,
 }
@@ -157,15 +159,31 @@ fn fire_rows(rows: usize) -> String {
     vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, '')"; rows].join(", ")
 }
 
+/// What [`Store::record_fires`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// Per fire: inserted by this call, so this node must dispatch it. `false`: it existed
+    /// already (dispatched before), or its slot's lease is not this node's.
+    pub inserted: Vec<bool>,
+    /// Slots of the batch whose lease this node no longer holds.
+    pub lost_slots: Vec<u32>,
+}
+
 impl Store {
-    /// Records fires and advances their jobs, atomically. Returns, per fire, whether this call
-    /// inserted it: `false` means the row existed (already dispatched) and must not be sent.
+    /// Records fires and advances their jobs, atomically, fenced by slot leases: fires and
+    /// progress of a slot count only if `node` still holds the slot's lease at the epoch in
+    /// `leases`. The lease rows are read under a share lock, so a takeover waits for this
+    /// transaction and then sees its progress.
+    ///
+    /// The inserts come first: on SQLite the first statement of a transaction takes the write
+    /// lock (waiting as needed), while a read-first transaction could fail to upgrade.
     pub async fn record_fires(
         &self,
         node: &str,
         fires: &[NewFire],
         progress: &[Progress],
-    ) -> Result<Vec<bool>, StoreError> {
+        leases: &HashMap<u32, i64>,
+    ) -> Result<Recorded, StoreError> {
         let mut inserted = Vec::with_capacity(fires.len());
         let mut tx = self.pool.begin().await?;
         for chunk in fires.chunks(CHUNK) {
@@ -209,6 +227,60 @@ impl Store {
                 }
             }
         }
+        let slots: BTreeSet<u32> = fires
+            .iter()
+            .map(|f| f.slot)
+            .chain(progress.iter().map(|p| p.slot))
+            .collect();
+        let mut valid: HashSet<u32> = HashSet::new();
+        let slots: Vec<u32> = slots.into_iter().collect();
+        for chunk in slots.chunks(CHUNK) {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT slot, epoch FROM slot_leases WHERE owner = ? AND expires_at > {} \
+                 AND slot IN ({}){}",
+                self.db_now(),
+                vec!["?"; chunk.len()].join(", "),
+                match self.dialect {
+                    super::Dialect::MySql => " LOCK IN SHARE MODE",
+                    super::Dialect::Sqlite => "",
+                }
+            ));
+            let mut q = sqlx::query(sql).bind(node.to_string());
+            for s in chunk {
+                q = q.bind(i64::from(*s));
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                let slot = row.try_get::<i64, _>("slot")? as u32;
+                let epoch: i64 = row.try_get("epoch")?;
+                if leases.get(&slot) == Some(&epoch) {
+                    valid.insert(slot);
+                }
+            }
+        }
+        let lost_slots: Vec<u32> = slots
+            .iter()
+            .copied()
+            .filter(|s| !valid.contains(s))
+            .collect();
+        for (f, ins) in fires.iter().zip(inserted.iter_mut()) {
+            if *ins && !valid.contains(&f.slot) {
+                sqlx::query(
+                    "DELETE FROM executions WHERE job_id = ? AND scheduled_at = ? AND node = ? \
+                     AND fired_at = ?",
+                )
+                .bind(f.key.job_id.to_string())
+                .bind(f.key.scheduled_at)
+                .bind(node.to_string())
+                .bind(f.fired_at)
+                .execute(&mut *tx)
+                .await?;
+                *ins = false;
+            }
+        }
+        let progress: Vec<&Progress> = progress
+            .iter()
+            .filter(|p| valid.contains(&p.slot))
+            .collect();
         for chunk in progress.chunks(CHUNK) {
             let whens = vec!["WHEN ? THEN ?"; chunk.len()].join(" ");
             let ids = vec!["?"; chunk.len()].join(", ");
@@ -230,7 +302,10 @@ impl Store {
             q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(inserted)
+        Ok(Recorded {
+            inserted,
+            lost_slots,
+        })
     }
 
     /// Persists that `attempt` is about to be sent. False if the execution is gone (job
@@ -331,15 +406,23 @@ impl Store {
         Ok(applied)
     }
 
-    /// Every pending delivery (start-up: resume them with their next attempt number).
-    pub async fn load_pending(&self) -> Result<Vec<PendingDelivery>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT e.job_id, e.scheduled_at, e.slot, e.attempts, e.next_attempt_at, e.fired_at, \
-             e.request, j.spec FROM executions e LEFT JOIN jobs j ON j.id = e.job_id \
-             WHERE e.status = 'pending'",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+    /// Pending deliveries of `slots` (resume them with their next attempt number).
+    pub async fn load_pending(&self, slots: &[u32]) -> Result<Vec<PendingDelivery>, StoreError> {
+        let mut rows = Vec::new();
+        for chunk in slots.chunks(CHUNK) {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT e.job_id, e.scheduled_at, e.slot, e.attempts, e.next_attempt_at, \
+                 e.fired_at, e.request, j.spec FROM executions e \
+                 LEFT JOIN jobs j ON j.id = e.job_id \
+                 WHERE e.status = 'pending' AND e.slot IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            ));
+            let mut q = sqlx::query(sql);
+            for s in chunk {
+                q = q.bind(i64::from(*s));
+            }
+            rows.extend(q.fetch_all(&self.pool).await?);
+        }
         rows.iter()
             .map(|row| {
                 let job_id: String = row.try_get("job_id")?;

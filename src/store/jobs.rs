@@ -185,6 +185,31 @@ impl Store {
         Ok(n)
     }
 
+    /// Streams the jobs of `slots` to `each` (a node loading the slots it gained).
+    pub async fn for_each_job_in(
+        &self,
+        slots: &[u32],
+        mut each: impl FnMut(JobRecord) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for chunk in slots.chunks(500) {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM jobs WHERE slot IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            ));
+            let mut q = sqlx::query(sql);
+            for s in chunk {
+                q = q.bind(i64::from(*s));
+            }
+            let mut rows = q.fetch(&self.pool);
+            while let Some(row) = rows.try_next().await? {
+                each(from_row(&row)?)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     pub async fn count_jobs(&self) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs")
             .fetch_one(&self.pool)

@@ -9,6 +9,7 @@
 
 mod executions;
 mod jobs;
+mod leases;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Connection};
 
 pub use executions::{
-    ExecKey, ExecStatus, ExecutionRecord, NewFire, Outcome, PendingDelivery, Progress,
+    ExecKey, ExecStatus, ExecutionRecord, NewFire, Outcome, PendingDelivery, Progress, Recorded,
 };
 pub use jobs::{JobRecord, PutOutcome};
 
@@ -119,10 +120,28 @@ impl Store {
         self.dialect
     }
 
+    /// Applies pending migrations. Nodes starting together serialize on a named lock: sqlx's
+    /// own locking through the `Any` driver still let two nodes apply migration 1 at once
+    /// (seen: duplicate key in `_sqlx_migrations`).
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
         match self.dialect {
-            Dialect::MySql => sqlx::migrate!("migrations/mysql").run(&self.pool).await?,
-            Dialect::Sqlite => sqlx::migrate!("migrations/sqlite").run(&self.pool).await?,
+            Dialect::MySql => {
+                let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('chime_migrate', 60)")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if got != Some(1) {
+                    return Err(StoreError::Corrupt(
+                        "timed out waiting for another node's migration".into(),
+                    ));
+                }
+                let result = sqlx::migrate!("migrations/mysql").run(&mut *conn).await;
+                let _ = sqlx::query("SELECT RELEASE_LOCK('chime_migrate')")
+                    .execute(&mut *conn)
+                    .await;
+                result?;
+            }
+            Dialect::Sqlite => sqlx::migrate!("migrations/sqlite").run(&mut *conn).await?,
         }
         Ok(())
     }
