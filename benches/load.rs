@@ -1,7 +1,7 @@
 //! Load benchmark for one chime node on MySQL/MariaDB, with callbacks to a receiver on
 //! loopback inside this process.
 //!
-//!     cargo bench --bench load -- [registration|memory|firing|all] [--runs N] [--jobs N]
+//!     cargo bench --bench load -- [registration|memory|firing|cluster|rebalance|all] [--runs N] [--jobs N]
 //!                                 [--rates 1000,5000,10000]
 //!
 //! - registration: PUT /v1/jobs/{id} for N jobs (default 100,000) with 64 concurrent
@@ -12,7 +12,11 @@
 //!   R times a second; for R in 1,000 / 5,000 / 10,000: achieved fires/s and fire delay
 //!   (callback arrival − scheduled_at) p50/p99/max over a steady 15 s window.
 //!
-//! Setup rows for memory and firing are inserted directly (the schema is chime's own) so that
+//! - cluster: the firing scenario on a 3-node cluster on this same machine.
+//! - rebalance: N jobs (100,000 and 1,000,000), 2 nodes; a third joins, then is killed
+//!   with -9: time from the event until every slot is leased by its ring owner.
+//!
+//! Setup rows for memory, firing and rebalance are inserted directly (the schema is chime's own) so that
 //! what is measured is the node, not the registration path. Each scenario runs `--runs`
 //! times (default 3) and reports every run and the median. MySQL comes from
 //! CHIME_TEST_MYSQL_URL (default mysql://chime:chime@127.0.0.1:3306).
@@ -79,22 +83,40 @@ async fn fresh_db(name: &str) -> Res<String> {
 struct Node {
     child: Child,
     addr: SocketAddr,
+    gossip: String,
     ready_after: Duration,
+}
+
+fn free_udp_port() -> Res<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl Node {
     async fn start(db: &str) -> Res<Node> {
+        Node::start_as(db, "bench", None).await
+    }
+
+    async fn start_as(db: &str, id: &str, seed: Option<&str>) -> Res<Node> {
         let started = Instant::now();
-        let mut child = Command::new(CHIME)
-            .args([
-                "serve",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--node-id",
-                "bench",
-                "--database-url",
-                db,
-            ])
+        let gossip = format!("127.0.0.1:{}", free_udp_port()?);
+        let mut cmd = Command::new(CHIME);
+        cmd.args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--gossip-addr",
+            &gossip,
+            "--node-id",
+            id,
+            "--database-url",
+            db,
+        ]);
+        if let Some(seed) = seed {
+            cmd.args(["--seeds", seed]);
+        }
+        let mut child = cmd
             .env("CHIME_LOG", "warn,chime::node=info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -124,6 +146,7 @@ impl Node {
         Ok(Node {
             child,
             addr,
+            gossip,
             ready_after: started.elapsed(),
         })
     }
@@ -337,8 +360,10 @@ async fn memory(runs: usize, jobs: usize) -> Res<()> {
     Ok(())
 }
 
-async fn firing(runs: usize, rates: &[usize]) -> Res<()> {
-    println!("\n## firing: R jobs `@every 1s`, phases spread over the second, HTTP callbacks");
+async fn firing(runs: usize, rates: &[usize], nodes: usize) -> Res<()> {
+    println!(
+        "\n## firing on {nodes} node(s): R jobs `@every 1s`, phases spread over the second, HTTP callbacks"
+    );
     println!(
         "| target fires/s | run | achieved fires/s | delay p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|"
     );
@@ -364,7 +389,13 @@ async fn firing(runs: usize, rates: &[usize]) -> Res<()> {
                 |i| anchor(i) + 1000,
             )
             .await?;
-            let node = Node::start(&db).await?;
+            let first = Node::start_as(&db, "n1", None).await?;
+            let seed = first.gossip.clone();
+            let mut cluster = vec![first];
+            for i in 2..=nodes {
+                cluster.push(Node::start_as(&db, &format!("n{i}"), Some(&seed)).await?);
+            }
+            wait_converged(&cluster[0], nodes).await?;
             tokio::time::sleep(WARMUP).await;
             let from_ms = chrono::Utc::now().timestamp_millis();
             tokio::time::sleep(WINDOW).await;
@@ -379,7 +410,7 @@ async fn firing(runs: usize, rates: &[usize]) -> Res<()> {
                 .filter(|(ms, _)| *ms >= from_ms && *ms < to_ms)
                 .map(|(_, d)| *d as f64 / 1000.0)
                 .collect();
-            drop(node);
+            drop(cluster);
             delays.sort_by(f64::total_cmp);
             let got = delays.len() as f64 / ((to_ms - from_ms) as f64 / 1000.0);
             let (p50, p99, max) = (
@@ -407,6 +438,81 @@ async fn firing(runs: usize, rates: &[usize]) -> Res<()> {
     for (rate, got, p50, p99, max) in summary {
         println!("| {rate} | {got:.0} | {p50:.2} | {p99:.2} | {max:.1} |");
     }
+    Ok(())
+}
+
+/// Until `node` sees `n` members whose leases match the ring.
+async fn wait_converged(node: &Node, n: usize) -> Res<Duration> {
+    let started = Instant::now();
+    let client = reqwest::Client::new();
+    loop {
+        let body: serde_json::Value = client
+            .get(format!("http://{}/v1/cluster", node.addr))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let members = body["members"].as_array().cloned().unwrap_or_default();
+        let leased: u64 = members
+            .iter()
+            .filter_map(|m| m["leased_slots"].as_u64())
+            .sum();
+        if members.len() == n
+            && leased == u64::from(chime::job::SLOTS)
+            && members.iter().all(|m| m["leased_slots"] == m["ring_slots"])
+        {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            return Err(format!("cluster of {n} did not converge: {body}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Join and crash of a node with `jobs` registered: from the event until every slot is
+/// leased by its ring owner (all moved jobs armed on their new owners).
+async fn rebalance(runs: usize, jobs: usize) -> Res<()> {
+    println!("\n## rebalance with {jobs} jobs (2 nodes + a third joining, then killed with -9)");
+    let db = fresh_db("chime_bench_rebalance").await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    insert_jobs(
+        &db,
+        jobs,
+        "http://127.0.0.1:9/hook",
+        |i| format!("0 {} {} * * *", i % 60, (i / 60) % 17),
+        |_| now,
+        |_| now + 86_400_000,
+    )
+    .await?;
+    let n1 = Node::start_as(&db, "n1", None).await?;
+    let n2 = Node::start_as(&db, "n2", Some(&n1.gossip)).await?;
+    wait_converged(&n1, 2).await?;
+    println!("| run | join: converged after s | crash: converged after s |\n|---|---|---|");
+    let (mut joins, mut crashes) = (vec![], vec![]);
+    for run in 1..=runs {
+        let started = Instant::now();
+        let mut n3 = Node::start_as(&db, "n3", Some(&n1.gossip)).await?;
+        wait_converged(&n1, 3).await?;
+        let join = started.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let started = Instant::now();
+        n3.child.kill()?;
+        let _ = n3.child.wait();
+        wait_converged(&n1, 2).await?;
+        let crash = started.elapsed().as_secs_f64();
+        std::mem::forget(n3);
+        println!("| {run} | {join:.2} | {crash:.2} |");
+        joins.push(join);
+        crashes.push(crash);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!(
+        "| **median** | **{:.2}** | **{:.2}** |",
+        median(joins),
+        median(crashes)
+    );
+    drop(n2);
     Ok(())
 }
 
@@ -451,7 +557,18 @@ async fn main() -> Res<()> {
         memory(runs, jobs.unwrap_or(1_000_000)).await?;
     }
     if which == "firing" || which == "all" {
-        firing(runs, &rates).await?;
+        firing(runs, &rates, 1).await?;
+    }
+    if which == "cluster" || which == "all" {
+        firing(runs, &rates, 3).await?;
+    }
+    if which == "rebalance" || which == "all" {
+        for n in jobs
+            .map(|j| vec![j])
+            .unwrap_or_else(|| vec![100_000, 1_000_000])
+        {
+            rebalance(runs, n).await?;
+        }
     }
     Ok(())
 }

@@ -144,6 +144,7 @@ pub async fn serve(
             scheduler: scheduler.clone(),
             delivery: delivery.clone(),
             leases: leases.clone(),
+            cluster: cluster.clone(),
             ring: cluster.ring_watch(),
             lost_rx,
             first_pass: Some(first_pass_tx),

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::SchedulerHandle;
-use crate::cluster::{Leases, Ring};
+use crate::cluster::{Cluster, Leases, MemberState};
 use crate::delivery::{self, DeliveryHandle};
 use crate::job::Job;
 use crate::store::{Store, StoreError};
@@ -38,7 +38,8 @@ pub struct Ownership {
     pub scheduler: SchedulerHandle,
     pub delivery: DeliveryHandle,
     pub leases: Arc<Leases>,
-    pub ring: watch::Receiver<Arc<Ring>>,
+    pub cluster: Cluster,
+    pub ring: watch::Receiver<Arc<crate::cluster::Ring>>,
     /// Slots the scheduler found it no longer holds (a fenced batch was refused).
     pub lost_rx: mpsc::UnboundedReceiver<Vec<u32>>,
     /// Set after the first pass: everything this node could take is loaded.
@@ -49,6 +50,8 @@ impl Ownership {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_ok = Instant::now();
+        let mut degraded = false;
         loop {
             tokio::select! {
                 biased;
@@ -61,8 +64,28 @@ impl Ownership {
                 changed = self.ring.changed() => if changed.is_err() { break },
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.reconcile().await {
-                tracing::warn!(error = %e, "ownership pass failed; retrying next tick");
+            match self.reconcile().await {
+                Ok(()) => {
+                    last_ok = Instant::now();
+                    if degraded {
+                        degraded = false;
+                        tracing::info!("database reachable again; rejoining the ring");
+                        self.cluster.set_state(MemberState::Ready).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ownership pass failed; retrying next tick");
+                    // Without the database this node can neither fire nor renew. Leave the
+                    // ring so peers take its slots once the leases expire, instead of the
+                    // slots waiting for this node's database to come back.
+                    if !degraded && last_ok.elapsed() > LEASE_TTL {
+                        degraded = true;
+                        tracing::warn!(
+                            "database unreachable for longer than the lease TTL; leaving the ring until it is back"
+                        );
+                        self.cluster.set_state(MemberState::Joining).await;
+                    }
+                }
             }
             if let Some(done) = self.first_pass.take() {
                 let _ = done.send(());
@@ -187,7 +210,13 @@ impl Ownership {
         if slots.is_empty() {
             return;
         }
-        let _ = self.scheduler.drop_slots(slots.clone()).await;
+        // Bounded: during a database outage the scheduler is busy retrying its last batch
+        // and only stops when the node cancels it, after this returns.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.scheduler.drop_slots(slots.clone()),
+        )
+        .await;
         self.leases.replace(HashMap::new());
         match tokio::time::timeout(
             Duration::from_secs(3),
