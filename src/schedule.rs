@@ -152,18 +152,24 @@ impl Schedule {
         if source.is_empty() {
             return Err(ScheduleError::Empty);
         }
+        // Equal (expression, zone) pairs share one handle: a million jobs on a few hundred
+        // expressions then cost a pointer each instead of ~90 bytes.
+        let key = format!("{}\u{0}{source}", tz.name());
+        if let Some(inner) = handles().get(&key) {
+            return Ok(Schedule { inner });
+        }
         let kind = if source.starts_with('@') {
             parse_keyword(source)?
         } else {
             Kind::Cron(compile_cron(source)?)
         };
-        Ok(Schedule {
-            inner: Arc::new(Inner {
-                source: source.into(),
-                tz,
-                kind,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            source: source.into(),
+            tz,
+            kind,
+        });
+        handles().insert(key, &inner);
+        Ok(Schedule { inner })
     }
 
     /// First fire time strictly after `after_ms` (unix ms, UTC). `anchor_ms` is when the job's
@@ -781,15 +787,15 @@ fn cron_prev(s: &cron::Schedule, at: NaiveDateTime) -> Option<NaiveDateTime> {
     s.after(&bound.and_utc()).next_back().map(|t| t.naive_utc())
 }
 
-struct Interner {
-    map: HashMap<Box<str>, Weak<Compiled>>,
+struct Interner<T> {
+    map: HashMap<Box<str>, Weak<T>>,
     len_after_sweep: usize,
 }
 
 /// Below this size the map is never swept: sweeping a tiny map saves nothing.
 const SWEEP_FLOOR: usize = 64;
 
-impl Interner {
+impl<T> Interner<T> {
     fn new() -> Self {
         Interner {
             map: HashMap::new(),
@@ -797,11 +803,11 @@ impl Interner {
         }
     }
 
-    fn get(&self, key: &str) -> Option<Arc<Compiled>> {
+    fn get(&self, key: &str) -> Option<Arc<T>> {
         self.map.get(key).and_then(Weak::upgrade)
     }
 
-    fn insert(&mut self, key: String, compiled: &Arc<Compiled>) {
+    fn insert(&mut self, key: String, compiled: &Arc<T>) {
         self.map
             .insert(key.into_boxed_str(), Arc::downgrade(compiled));
         // Dead entries are only dropped here, in bulk, so that a sweep costs O(1) amortized
@@ -813,12 +819,18 @@ impl Interner {
     }
 }
 
-static INTERNER: LazyLock<Mutex<Interner>> = LazyLock::new(|| Mutex::new(Interner::new()));
+static INTERNER: LazyLock<Mutex<Interner<Compiled>>> =
+    LazyLock::new(|| Mutex::new(Interner::new()));
+static HANDLES: LazyLock<Mutex<Interner<Inner>>> = LazyLock::new(|| Mutex::new(Interner::new()));
 
-fn interner() -> MutexGuard<'static, Interner> {
+fn interner() -> MutexGuard<'static, Interner<Compiled>> {
     // The map is consistent after any panic (inserts and retains are single calls), so a
     // poisoned lock is safe to keep using.
     INTERNER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn handles() -> MutexGuard<'static, Interner<Inner>> {
+    HANDLES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn compile_cron(text: &str) -> Result<Arc<Compiled>, ScheduleError> {

@@ -3,6 +3,7 @@
 //! MySQL comes from `CHIME_TEST_MYSQL_URL` (server URL without a database; `.ci/run` sets
 //! it up); each test creates its own database. A missing server fails the test.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chime::store::{
@@ -77,7 +78,21 @@ store_suite!(
     pending_deliveries_survive_for_restart,
     history_is_pruned_but_pending_kept,
     migrations_are_idempotent,
+    leases_fence_fires_to_one_node,
 );
+
+fn all_slots() -> Vec<u32> {
+    (0..chime::job::SLOTS).collect()
+}
+
+/// Every slot's lease for `node`, as a node holding them would pass to the fence.
+async fn leased(store: &Store, node: &str) -> HashMap<u32, i64> {
+    store.ensure_lease_rows().await.unwrap();
+    store
+        .acquire_leases(node, &all_slots(), 60_000)
+        .await
+        .unwrap()
+}
 
 fn job(id: &str, now: i64) -> JobRecord {
     JobRecord {
@@ -108,6 +123,7 @@ fn fire(id: &str, at: i64) -> NewFire {
 }
 
 async fn put_creates_then_replaces_keeping_history_fields(store: Store) {
+    let l = leased(&store, "n1").await;
     let j = job("a", 1_000);
     assert_eq!(store.put_job(&j).await.unwrap(), PutOutcome::Created);
     store
@@ -116,9 +132,11 @@ async fn put_creates_then_replaces_keeping_history_fields(store: Store) {
             &[fire("a", 2_000)],
             &[Progress {
                 job_id: "a".into(),
+                slot: chime::job::slot_of("a"),
                 last_fire_at: 2_000,
                 next_fire_at: Some(3_000),
             }],
+            &l,
         )
         .await
         .unwrap();
@@ -188,17 +206,23 @@ async fn list_paginates_by_id(store: Store) {
 }
 
 async fn delete_takes_executions_with_it(store: Store) {
+    let l = leased(&store, "n1").await;
     store.insert_job(&job("d", 1)).await.unwrap();
     store.insert_job(&job("keep", 1)).await.unwrap();
     store
-        .record_fires("n1", &[fire("d", 10), fire("d", 20), fire("keep", 10)], &[])
+        .record_fires(
+            "n1",
+            &[fire("d", 10), fire("d", 20), fire("keep", 10)],
+            &[],
+            &l,
+        )
         .await
         .unwrap();
     assert!(store.delete_job("d").await.unwrap());
     assert!(!store.delete_job("d").await.unwrap());
     assert!(store.list_executions("d", 10).await.unwrap().is_empty());
     assert_eq!(store.list_executions("keep", 10).await.unwrap().len(), 1);
-    let pending = store.load_pending().await.unwrap();
+    let pending = store.load_pending(&all_slots()).await.unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(&*pending[0].key.job_id, "keep");
 }
@@ -231,10 +255,12 @@ async fn pause_and_resume(store: Store) {
 }
 
 async fn fires_are_recorded_once_and_advance_the_job(store: Store) {
+    let l = leased(&store, "n1").await;
     store.insert_job(&job("f", 0)).await.unwrap();
     store.insert_job(&job("g", 0)).await.unwrap();
     let progress = |id: &str, last, next| Progress {
         job_id: id.into(),
+        slot: chime::job::slot_of(id),
         last_fire_at: last,
         next_fire_at: next,
     };
@@ -246,15 +272,18 @@ async fn fires_are_recorded_once_and_advance_the_job(store: Store) {
                 progress("f", 1_000, Some(2_000)),
                 progress("g", 1_000, None),
             ],
+            &l,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .inserted;
     assert_eq!(inserted, [true, true]);
     // The same (job, time) again, next to a new one: only the new one is ours to send.
     let inserted = store
-        .record_fires("n2", &[fire("f", 1_000), fire("f", 2_000)], &[])
+        .record_fires("n1", &[fire("f", 1_000), fire("f", 2_000)], &[], &l)
         .await
-        .unwrap();
+        .unwrap()
+        .inserted;
     assert_eq!(inserted, [false, true]);
     let f = store.get_job("f").await.unwrap().unwrap();
     assert_eq!((f.last_fire_at, f.next_fire_at), (Some(1_000), Some(2_000)));
@@ -262,7 +291,7 @@ async fn fires_are_recorded_once_and_advance_the_job(store: Store) {
     assert_eq!((g.last_fire_at, g.next_fire_at), (Some(1_000), None));
     // last_fire_at never goes backwards.
     store
-        .record_fires("n1", &[], &[progress("f", 500, Some(600))])
+        .record_fires("n1", &[], &[progress("f", 500, Some(600))], &l)
         .await
         .unwrap();
     let f = store.get_job("f").await.unwrap().unwrap();
@@ -273,15 +302,16 @@ async fn fires_are_recorded_once_and_advance_the_job(store: Store) {
         [2_000, 1_000],
         "newest first"
     );
-    assert_eq!(execs[1].node, "n1", "the first writer's row is kept");
+    assert_eq!(execs[1].fired_at, 1_001, "the first writer's row is kept");
     assert_eq!(execs[1].attempts, 1, "attempt 1 is stored with the fire");
     assert_eq!(execs[1].status, ExecStatus::Pending);
 }
 
 async fn attempts_and_outcomes_are_compare_and_set(store: Store) {
+    let l = leased(&store, "n1").await;
     store.insert_job(&job("o", 0)).await.unwrap();
     store
-        .record_fires("n1", &[fire("o", 1), fire("o", 2), fire("o", 3)], &[])
+        .record_fires("n1", &[fire("o", 1), fire("o", 2), fire("o", 3)], &[], &l)
         .await
         .unwrap();
     let key = |t| ExecKey {
@@ -359,15 +389,16 @@ async fn attempts_and_outcomes_are_compare_and_set(store: Store) {
 }
 
 async fn pending_deliveries_survive_for_restart(store: Store) {
+    let l = leased(&store, "n1").await;
     store.insert_job(&job("r", 0)).await.unwrap();
     let mut missed = fire("r", 5);
     missed.status = ExecStatus::Missed;
     missed.next_attempt_at = None;
     store
-        .record_fires("n1", &[fire("r", 7), missed], &[])
+        .record_fires("n1", &[fire("r", 7), missed], &[], &l)
         .await
         .unwrap();
-    let pending = store.load_pending().await.unwrap();
+    let pending = store.load_pending(&all_slots()).await.unwrap();
     assert_eq!(pending.len(), 1, "missed rows are history, not deliveries");
     let p = &pending[0];
     assert_eq!(
@@ -395,7 +426,7 @@ async fn pending_deliveries_survive_for_restart(store: Store) {
         )])
         .await
         .unwrap();
-    let pending = store.load_pending().await.unwrap();
+    let pending = store.load_pending(&all_slots()).await.unwrap();
     assert_eq!(pending[0].request, "{\"snapshot\":true}");
     assert_eq!(pending[0].next_attempt_at, 2_000);
     let execs = store.list_executions("r", 10).await.unwrap();
@@ -404,9 +435,10 @@ async fn pending_deliveries_survive_for_restart(store: Store) {
 }
 
 async fn history_is_pruned_but_pending_kept(store: Store) {
+    let l = leased(&store, "n1").await;
     store.insert_job(&job("h", 0)).await.unwrap();
     let fires: Vec<NewFire> = (1..=10).map(|t| fire("h", t)).collect();
-    store.record_fires("n1", &fires, &[]).await.unwrap();
+    store.record_fires("n1", &fires, &[], &l).await.unwrap();
     // Finish all but t=2 (left pending).
     let done: Vec<_> = (1..=10)
         .filter(|t| *t != 2)
@@ -450,4 +482,56 @@ async fn migrations_are_idempotent(store: Store) {
     store.migrate().await.unwrap();
     store.ping().await.unwrap();
     assert_eq!(store.count_jobs().await.unwrap(), 0);
+}
+
+async fn leases_fence_fires_to_one_node(store: Store) {
+    let l1 = leased(&store, "n1").await;
+    assert_eq!(l1.len(), chime::job::SLOTS as usize);
+    store.insert_job(&job("x", 0)).await.unwrap();
+    let slot = chime::job::slot_of("x");
+    // n2 wants the slot while n1's lease is live: refused.
+    let got = store.acquire_leases("n2", &[slot], 60_000).await.unwrap();
+    assert!(got.is_empty(), "a live lease is not taken over");
+    // n2 fires anyway (its gossip view says it owns x): fenced out, nothing recorded.
+    let l2: HashMap<u32, i64> = [(slot, 1)].into();
+    let rec = store
+        .record_fires("n2", &[fire("x", 10)], &[], &l2)
+        .await
+        .unwrap();
+    assert_eq!(rec.inserted, [false]);
+    assert_eq!(rec.lost_slots, [slot]);
+    assert!(store.list_executions("x", 10).await.unwrap().is_empty());
+    // n1 hands over: n2 takes the slot with a new epoch; n1 is now fenced out.
+    store.release_leases("n1", &[slot]).await.unwrap();
+    let l2 = store.acquire_leases("n2", &[slot], 60_000).await.unwrap();
+    assert!(l2[&slot] > l1[&slot], "a new epoch");
+    let rec = store
+        .record_fires("n1", &[fire("x", 20)], &[], &l1)
+        .await
+        .unwrap();
+    assert_eq!((rec.inserted, rec.lost_slots), (vec![false], vec![slot]));
+    let rec = store
+        .record_fires("n2", &[fire("x", 20)], &[], &l2)
+        .await
+        .unwrap();
+    assert_eq!((rec.inserted, rec.lost_slots), (vec![true], vec![]));
+    assert_eq!(
+        store.lease_holder(slot).await.unwrap().as_deref(),
+        Some("n2")
+    );
+    // An expired lease can be taken over; renewing keeps a live one.
+    let other = (slot + 1) % chime::job::SLOTS;
+    store.release_leases("n1", &[other]).await.unwrap();
+    store.acquire_leases("n2", &[other], -1).await.unwrap();
+    let taken = store.acquire_leases("n3", &[other], 60_000).await.unwrap();
+    assert!(taken.contains_key(&other), "expired lease taken over");
+    let renewed = store.renew_leases("n3", &[other], 60_000).await.unwrap();
+    assert_eq!(renewed.get(&other), taken.get(&other));
+    let lost = store.renew_leases("n2", &[other], 60_000).await.unwrap();
+    assert!(lost.is_empty(), "the old holder cannot renew");
+    let counts = store.lease_counts().await.unwrap();
+    assert!(
+        counts.iter().any(|(o, n)| o == "n3" && *n == 1),
+        "{counts:?}"
+    );
 }

@@ -1,4 +1,6 @@
 -- Jobs: one row per job; the definition lives in `spec` (JSON), the columns are what is queried.
+-- Clustered by (slot, id): a node loads the slots it gained with range scans over contiguous
+-- rows; by id (the API) goes through the unique index.
 CREATE TABLE IF NOT EXISTS jobs (
     id            VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     slot          INT          NOT NULL,
@@ -9,8 +11,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     next_fire_at  BIGINT       NULL,
     created_at    BIGINT       NOT NULL,
     updated_at    BIGINT       NOT NULL,
-    PRIMARY KEY (id),
-    KEY jobs_slot (slot, id)
+    PRIMARY KEY (slot, id),
+    UNIQUE KEY jobs_id (id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
 
 -- Executions: one row per (job, scheduled time). The primary key is the exactly-once fence:

@@ -1,6 +1,6 @@
 -- Same schema as migrations/mysql; see the comments there.
 CREATE TABLE IF NOT EXISTS jobs (
-    id            TEXT    NOT NULL PRIMARY KEY,
+    id            TEXT    NOT NULL,
     slot          INTEGER NOT NULL,
     spec          TEXT    NOT NULL,
     paused        INTEGER NOT NULL DEFAULT 0,
@@ -8,9 +8,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_fire_at  INTEGER NULL,
     next_fire_at  INTEGER NULL,
     created_at    INTEGER NOT NULL,
-    updated_at    INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_slot ON jobs (slot, id);
+    updated_at    INTEGER NOT NULL,
+    PRIMARY KEY (slot, id)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_id ON jobs (id);
 
 CREATE TABLE IF NOT EXISTS executions (
     job_id          TEXT    NOT NULL,

@@ -90,6 +90,9 @@ pub struct ClusterConfig {
     pub seeds: Vec<String>,
 }
 
+/// The senders behind a solo node's fixed member list and ring.
+type SoloSenders = (watch::Sender<Arc<Vec<Member>>>, watch::Sender<Arc<Ring>>);
+
 /// Handle to this node's membership. Cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
@@ -97,7 +100,7 @@ pub struct Cluster {
     /// None for a solo node (embedded SQLite: no other node can share its database).
     handle: Option<Arc<ChitchatHandle>>,
     /// Keeps a solo node's channels open.
-    _solo: Option<Arc<(watch::Sender<Arc<Vec<Member>>>, watch::Sender<Arc<Ring>>)>>,
+    _solo: Option<Arc<SoloSenders>>,
     members_rx: watch::Receiver<Arc<Vec<Member>>>,
     ring_rx: watch::Receiver<Arc<Ring>>,
 }
@@ -233,10 +236,10 @@ impl Cluster {
 
     /// Stops gossiping; peers then see this node die (it should have said `leaving` first).
     pub async fn shutdown(&self) {
-        if let Some(handle) = &self.handle {
-            if let Err(e) = handle.initiate_shutdown() {
-                tracing::debug!(error = %e, "gossip already stopped");
-            }
+        if let Some(handle) = &self.handle
+            && let Err(e) = handle.initiate_shutdown()
+        {
+            tracing::debug!(error = %e, "gossip already stopped");
         }
     }
 }

@@ -88,10 +88,8 @@ pub(crate) async fn send(
         payload: a.payload,
     })
     .map_err(|e| AttemptError::Transport(format!("cannot encode body: {e}")))?;
-    let method = reqwest::Method::from_bytes(cb.method.as_bytes())
-        .map_err(|_| AttemptError::Transport(format!("bad method {}", cb.method)))?;
     let mut req = client
-        .request(method, &cb.url)
+        .request(cb.method.as_reqwest(), &cb.url)
         .timeout(Duration::from_millis(cb.timeout_ms))
         .header("content-type", "application/json")
         .header(

@@ -95,13 +95,20 @@ pub fn spawn(
         permits: Arc::new(Semaphore::new(config.concurrency)),
         attempts: TaskTracker::new(),
         outcome_tx,
+        recorder_stop: CancellationToken::new(),
         requeue: handle.clone(),
         leases,
         cancel: cancel.clone(),
         grace: config.shutdown_grace,
     };
+    let recorder_stop = dispatcher.recorder_stop.clone();
     tracker.spawn(dispatcher.run());
-    tracker.spawn(record_outcomes(store, outcome_rx, handle.clone()));
+    tracker.spawn(record_outcomes(
+        store,
+        outcome_rx,
+        handle.clone(),
+        recorder_stop,
+    ));
     handle
 }
 
@@ -149,6 +156,9 @@ struct Dispatcher {
     permits: Arc<Semaphore>,
     attempts: TaskTracker,
     outcome_tx: mpsc::UnboundedSender<(DeliveryTask, Result<u16, http::AttemptError>)>,
+    /// Tells the recorder that no more outcomes are worth waiting for: attempts still running
+    /// after the grace period are abandoned (their rows stay pending).
+    recorder_stop: CancellationToken,
     requeue: DeliveryHandle,
     leases: Arc<Leases>,
     cancel: CancellationToken,
@@ -182,6 +192,7 @@ impl Dispatcher {
         {
             tracing::warn!(grace = ?self.grace, "callbacks still in flight at shutdown; they resume after restart");
         }
+        self.recorder_stop.cancel();
         metrics::DELIVERIES_WAITING.set(0);
     }
 
@@ -274,11 +285,27 @@ async fn record_outcomes(
     store: Store,
     mut rx: mpsc::UnboundedReceiver<(DeliveryTask, Result<u16, http::AttemptError>)>,
     requeue: DeliveryHandle,
+    stop: CancellationToken,
 ) {
-    // Runs until every sender is gone (the dispatcher and all attempts have finished), so
-    // the outcomes of attempts that completed during shutdown are still written.
+    // Runs until every sender is gone or the dispatcher gives up on the stragglers, so the
+    // outcomes of attempts that completed during shutdown are still written.
     let mut batch = Vec::with_capacity(OUTCOME_BATCH);
-    while rx.recv_many(&mut batch, OUTCOME_BATCH).await > 0 {
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, OUTCOME_BATCH) => n,
+            _ = stop.cancelled() => {
+                while batch.len() < OUTCOME_BATCH {
+                    match rx.try_recv() {
+                        Ok(o) => batch.push(o),
+                        Err(_) => break,
+                    }
+                }
+                batch.len()
+            }
+        };
+        if n == 0 {
+            break;
+        }
         let rows: Vec<_> = batch
             .iter()
             .map(|(task, result)| (task.key.clone(), task.attempt, outcome_of(task, result)))
@@ -289,6 +316,11 @@ async fn record_outcomes(
                 Err(e) => {
                     metrics::STORE_ERRORS.inc();
                     tracing::warn!(error = %e, outcomes = rows.len(), "cannot record delivery outcomes, retrying in 1s");
+                    if stop.is_cancelled() {
+                        // Shutting down without a database: the rows stay pending and their
+                        // deliveries resume (with the next attempt number) on the next owner.
+                        return;
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }

@@ -64,7 +64,9 @@ impl Ownership {
                 changed = self.ring.changed() => if changed.is_err() { break },
                 _ = tick.tick() => {}
             }
-            match self.reconcile().await {
+            let result = self.reconcile().await;
+            let pass_ok = result.is_ok();
+            match result {
                 Ok(()) => {
                     last_ok = Instant::now();
                     if degraded {
@@ -87,7 +89,18 @@ impl Ownership {
                     }
                 }
             }
-            if let Some(done) = self.first_pass.take() {
+            // Ready once a pass ran with this node in the ring: before the first gossip round
+            // the ring is empty and a pass would "succeed" holding nothing.
+            let in_ring = self
+                .ring
+                .borrow()
+                .members()
+                .iter()
+                .any(|m| **m == *self.node_id);
+            if in_ring
+                && pass_ok
+                && let Some(done) = self.first_pass.take()
+            {
                 let _ = done.send(());
             }
         }
@@ -159,8 +172,12 @@ impl Ownership {
         }
     }
 
-    /// Arms the jobs and queues the pending deliveries of newly held slots.
+    /// Queues the pending deliveries and arms the jobs of newly held slots, in that order:
+    /// once armed, a job can record a make-up fire as pending, and reading pending rows after
+    /// that would queue the same fire twice.
     async fn load(&self, slots: &[u32]) -> Result<(u64, usize), StoreError> {
+        let pending = self.store.load_pending(slots).await?;
+        let n = pending.len();
         let mut chunk = Vec::new();
         let mut chunks = Vec::new();
         let jobs = self
@@ -178,15 +195,13 @@ impl Ownership {
             })
             .await?;
         chunks.push(chunk);
+        self.delivery.submit(delivery::resume_tasks(pending));
         for c in chunks {
             self.scheduler
                 .arm_many(c)
                 .await
                 .map_err(|_| StoreError::Corrupt("scheduler stopped".into()))?;
         }
-        let pending = self.store.load_pending(slots).await?;
-        let n = pending.len();
-        self.delivery.submit(delivery::resume_tasks(pending));
         Ok((jobs, n))
     }
 
@@ -197,10 +212,8 @@ impl Ownership {
             return;
         }
         self.leases.remove(slots);
-        if release {
-            if let Err(e) = self.store.release_leases(&self.node_id, slots).await {
-                tracing::warn!(error = %e, "cannot release leases; they expire on their own");
-            }
+        if release && let Err(e) = self.store.release_leases(&self.node_id, slots).await {
+            tracing::warn!(error = %e, "cannot release leases; they expire on their own");
         }
     }
 

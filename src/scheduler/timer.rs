@@ -96,7 +96,7 @@ mod tests {
         let target = Target {
             callback: Callback::Http(HttpCallback {
                 url: "http://h/".into(),
-                method: "POST".into(),
+                method: crate::job::HttpMethod::Post,
                 headers: Default::default(),
                 timeout_ms: 1000,
             }),

@@ -169,6 +169,22 @@ pub struct Recorded {
     pub lost_slots: Vec<u32>,
 }
 
+fn bind_fire<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    f: &NewFire,
+    node: &str,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    q.bind(f.key.job_id.to_string())
+        .bind(f.key.scheduled_at)
+        .bind(i64::from(f.slot))
+        .bind(i64::from(f.manual))
+        .bind(f.fired_at)
+        .bind(node.to_string())
+        .bind(i64::from(f.status == ExecStatus::Pending))
+        .bind(f.status.as_str())
+        .bind(f.next_attempt_at)
+}
+
 impl Store {
     /// Records fires and advances their jobs, atomically, fenced by slot leases: fires and
     /// progress of a slot count only if `node` still holds the slot's lease at the epoch in
@@ -184,8 +200,8 @@ impl Store {
         progress: &[Progress],
         leases: &HashMap<u32, i64>,
     ) -> Result<Recorded, StoreError> {
-        let mut inserted = Vec::with_capacity(fires.len());
         let mut tx = self.pool.begin().await?;
+        let mut all_new = true;
         for chunk in fires.chunks(CHUNK) {
             let sql = sqlx::AssertSqlSafe(format!(
                 "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, attempts, \
@@ -195,36 +211,32 @@ impl Store {
             ));
             let mut q = sqlx::query(sql);
             for f in chunk {
-                q = q
-                    .bind(f.key.job_id.to_string())
-                    .bind(f.key.scheduled_at)
-                    .bind(i64::from(f.slot))
-                    .bind(i64::from(f.manual))
-                    .bind(f.fired_at)
-                    .bind(node.to_string())
-                    .bind(i64::from(f.status == ExecStatus::Pending))
-                    .bind(f.status.as_str())
-                    .bind(f.next_attempt_at);
+                q = bind_fire(q, f, node);
             }
-            let n = q.execute(&mut *tx).await?.rows_affected();
-            if n == chunk.len() as u64 {
-                inserted.extend(std::iter::repeat_n(true, chunk.len()));
-            } else {
-                // Some rows existed: find out which, row by row. Rare (make-up after a crash, or
-                // a trigger racing a scheduled fire in the same millisecond), so no batching.
-                for f in chunk {
-                    let exists: Option<i64> = sqlx::query_scalar(
-                        "SELECT attempts FROM executions WHERE job_id = ? AND scheduled_at = ? \
-                         AND node = ? AND fired_at = ?",
-                    )
-                    .bind(f.key.job_id.to_string())
-                    .bind(f.key.scheduled_at)
-                    .bind(node.to_string())
-                    .bind(f.fired_at)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    inserted.push(exists.is_some());
-                }
+            if q.execute(&mut *tx).await?.rows_affected() < chunk.len() as u64 {
+                all_new = false;
+                break;
+            }
+        }
+        let mut inserted = vec![true; fires.len()];
+        if !all_new {
+            // Some rows existed (dispatched before: a make-up after a crash, or a trigger in
+            // the same millisecond as a scheduled fire). Which ones only a row-by-row insert can
+            // tell for certain; rare, so start over that way.
+            tx.rollback().await?;
+            tx = self.pool.begin().await?;
+            for (f, ins) in fires.iter().zip(inserted.iter_mut()) {
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, \
+                     attempts, status, next_attempt_at, request) VALUES {}",
+                    self.insert_ignore(),
+                    fire_rows(1)
+                ));
+                *ins = bind_fire(sqlx::query(sql), f, node)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    == 1;
             }
         }
         let slots: BTreeSet<u32> = fires
@@ -264,16 +276,12 @@ impl Store {
             .collect();
         for (f, ins) in fires.iter().zip(inserted.iter_mut()) {
             if *ins && !valid.contains(&f.slot) {
-                sqlx::query(
-                    "DELETE FROM executions WHERE job_id = ? AND scheduled_at = ? AND node = ? \
-                     AND fired_at = ?",
-                )
-                .bind(f.key.job_id.to_string())
-                .bind(f.key.scheduled_at)
-                .bind(node.to_string())
-                .bind(f.fired_at)
-                .execute(&mut *tx)
-                .await?;
+                // Inserted by this transaction, so the row is ours to take back.
+                sqlx::query("DELETE FROM executions WHERE job_id = ? AND scheduled_at = ?")
+                    .bind(f.key.job_id.to_string())
+                    .bind(f.key.scheduled_at)
+                    .execute(&mut *tx)
+                    .await?;
                 *ins = false;
             }
         }
