@@ -266,9 +266,15 @@ pub async fn list(
     let next_cursor = (records.len() == limit as usize)
         .then(|| records.last().map(|r| r.id.clone()))
         .flatten();
+    // One lease lookup per job would make a page cost a query per row; the ring's owner is
+    // who holds the lease except while a slot is moving.
+    let ring = state.cluster.ring();
     let jobs = records
         .into_iter()
-        .map(|r| JobView::new(r, &state.node_id))
+        .map(|r| {
+            let owner = ring.owner_of(r.slot).unwrap_or(&state.node_id).to_string();
+            JobView::new(r, &owner)
+        })
         .collect::<Result<_, _>>()?;
     Ok(Json(JobList { jobs, next_cursor }))
 }
