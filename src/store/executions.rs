@@ -9,7 +9,7 @@ use std::sync::Arc;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Store, StoreError};
+use super::{LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError};
 
 /// Rows per multi-row statement; keeps bind counts far below both backends' limits.
 const CHUNK: usize = 500;
@@ -200,137 +200,143 @@ impl Store {
         progress: &[Progress],
         leases: &HashMap<u32, i64>,
     ) -> Result<Recorded, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut all_new = true;
-        for chunk in fires.chunks(CHUNK) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, attempts, \
-                 status, next_attempt_at, request) VALUES {}",
-                self.insert_ignore(),
-                fire_rows(chunk.len())
-            ));
-            let mut q = sqlx::query(sql);
-            for f in chunk {
-                q = bind_fire(q, f, node);
-            }
-            if q.execute(&mut *tx).await?.rows_affected() < chunk.len() as u64 {
-                all_new = false;
-                break;
-            }
-        }
-        let mut inserted = vec![true; fires.len()];
-        if !all_new {
-            // Some rows existed (dispatched before: a make-up after a crash, or a trigger in
-            // the same millisecond as a scheduled fire). Which ones only a row-by-row insert can
-            // tell for certain; rare, so start over that way.
-            tx.rollback().await?;
-            tx = self.pool.begin().await?;
-            for (f, ins) in fires.iter().zip(inserted.iter_mut()) {
+        self.timed(OP_TIMEOUT, async move {
+            let mut tx = self.pool.begin().await?;
+            let mut all_new = true;
+            for chunk in fires.chunks(CHUNK) {
                 let sql = sqlx::AssertSqlSafe(format!(
-                    "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, \
-                     attempts, status, next_attempt_at, request) VALUES {}",
+                    "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, attempts, \
+                     status, next_attempt_at, request) VALUES {}",
                     self.insert_ignore(),
-                    fire_rows(1)
+                    fire_rows(chunk.len())
                 ));
-                *ins = bind_fire(sqlx::query(sql), f, node)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                    == 1;
-            }
-        }
-        let slots: BTreeSet<u32> = fires
-            .iter()
-            .map(|f| f.slot)
-            .chain(progress.iter().map(|p| p.slot))
-            .collect();
-        let mut valid: HashSet<u32> = HashSet::new();
-        let slots: Vec<u32> = slots.into_iter().collect();
-        for chunk in slots.chunks(CHUNK) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT slot, epoch FROM slot_leases WHERE owner = ? AND expires_at > {} \
-                 AND slot IN ({}){}",
-                self.db_now(),
-                vec!["?"; chunk.len()].join(", "),
-                match self.dialect {
-                    super::Dialect::MySql => " LOCK IN SHARE MODE",
-                    super::Dialect::Sqlite => "",
+                let mut q = sqlx::query(sql);
+                for f in chunk {
+                    q = bind_fire(q, f, node);
                 }
-            ));
-            let mut q = sqlx::query(sql).bind(node.to_string());
-            for s in chunk {
-                q = q.bind(i64::from(*s));
-            }
-            for row in q.fetch_all(&mut *tx).await? {
-                let slot = row.try_get::<i64, _>("slot")? as u32;
-                let epoch: i64 = row.try_get("epoch")?;
-                if leases.get(&slot) == Some(&epoch) {
-                    valid.insert(slot);
+                if q.execute(&mut *tx).await?.rows_affected() < chunk.len() as u64 {
+                    all_new = false;
+                    break;
                 }
             }
-        }
-        let lost_slots: Vec<u32> = slots
-            .iter()
-            .copied()
-            .filter(|s| !valid.contains(s))
-            .collect();
-        for (f, ins) in fires.iter().zip(inserted.iter_mut()) {
-            if *ins && !valid.contains(&f.slot) {
-                // Inserted by this transaction, so the row is ours to take back.
-                sqlx::query("DELETE FROM executions WHERE job_id = ? AND scheduled_at = ?")
-                    .bind(f.key.job_id.to_string())
-                    .bind(f.key.scheduled_at)
-                    .execute(&mut *tx)
-                    .await?;
-                *ins = false;
+            let mut inserted = vec![true; fires.len()];
+            if !all_new {
+                // Some rows existed (dispatched before: a make-up after a crash, or a trigger in
+                // the same millisecond as a scheduled fire). Which ones only a row-by-row insert can
+                // tell for certain; rare, so start over that way.
+                tx.rollback().await?;
+                tx = self.pool.begin().await?;
+                for (f, ins) in fires.iter().zip(inserted.iter_mut()) {
+                    let sql = sqlx::AssertSqlSafe(format!(
+                        "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, \
+                         attempts, status, next_attempt_at, request) VALUES {}",
+                        self.insert_ignore(),
+                        fire_rows(1)
+                    ));
+                    *ins = bind_fire(sqlx::query(sql), f, node)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1;
+                }
             }
-        }
-        let progress: Vec<&Progress> = progress
-            .iter()
-            .filter(|p| valid.contains(&p.slot))
-            .collect();
-        for chunk in progress.chunks(CHUNK) {
-            let whens = vec!["WHEN ? THEN ?"; chunk.len()].join(" ");
-            let ids = vec!["?"; chunk.len()].join(", ");
-            let sql = sqlx::AssertSqlSafe(format!(
-                "UPDATE jobs SET last_fire_at = {}(COALESCE(last_fire_at, 0), CASE id {whens} END), \
-                 next_fire_at = CASE id {whens} END WHERE id IN ({ids})",
-                self.greatest()
-            ));
-            let mut q = sqlx::query(sql);
-            for p in chunk {
-                q = q.bind(p.job_id.to_string()).bind(p.last_fire_at);
+            let slots: BTreeSet<u32> = fires
+                .iter()
+                .map(|f| f.slot)
+                .chain(progress.iter().map(|p| p.slot))
+                .collect();
+            let mut valid: HashSet<u32> = HashSet::new();
+            let slots: Vec<u32> = slots.into_iter().collect();
+            for chunk in slots.chunks(CHUNK) {
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "SELECT slot, epoch FROM slot_leases WHERE owner = ? AND expires_at > {} \
+                     AND slot IN ({}){}",
+                    self.db_now(),
+                    vec!["?"; chunk.len()].join(", "),
+                    match self.dialect {
+                        super::Dialect::MySql => " LOCK IN SHARE MODE",
+                        super::Dialect::Sqlite => "",
+                    }
+                ));
+                let mut q = sqlx::query(sql).bind(node.to_string());
+                for s in chunk {
+                    q = q.bind(i64::from(*s));
+                }
+                for row in q.fetch_all(&mut *tx).await? {
+                    let slot = row.try_get::<i64, _>("slot")? as u32;
+                    let epoch: i64 = row.try_get("epoch")?;
+                    if leases.get(&slot) == Some(&epoch) {
+                        valid.insert(slot);
+                    }
+                }
             }
-            for p in chunk {
-                q = q.bind(p.job_id.to_string()).bind(p.next_fire_at);
+            let lost_slots: Vec<u32> = slots
+                .iter()
+                .copied()
+                .filter(|s| !valid.contains(s))
+                .collect();
+            for (f, ins) in fires.iter().zip(inserted.iter_mut()) {
+                if *ins && !valid.contains(&f.slot) {
+                    // Inserted by this transaction, so the row is ours to take back.
+                    sqlx::query("DELETE FROM executions WHERE job_id = ? AND scheduled_at = ?")
+                        .bind(f.key.job_id.to_string())
+                        .bind(f.key.scheduled_at)
+                        .execute(&mut *tx)
+                        .await?;
+                    *ins = false;
+                }
             }
-            for p in chunk {
-                q = q.bind(p.job_id.to_string());
+            let progress: Vec<&Progress> = progress
+                .iter()
+                .filter(|p| valid.contains(&p.slot))
+                .collect();
+            for chunk in progress.chunks(CHUNK) {
+                let whens = vec!["WHEN ? THEN ?"; chunk.len()].join(" ");
+                let ids = vec!["?"; chunk.len()].join(", ");
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "UPDATE jobs SET last_fire_at = {}(COALESCE(last_fire_at, 0), CASE id {whens} END), \
+                     next_fire_at = CASE id {whens} END WHERE id IN ({ids})",
+                    self.greatest()
+                ));
+                let mut q = sqlx::query(sql);
+                for p in chunk {
+                    q = q.bind(p.job_id.to_string()).bind(p.last_fire_at);
+                }
+                for p in chunk {
+                    q = q.bind(p.job_id.to_string()).bind(p.next_fire_at);
+                }
+                for p in chunk {
+                    q = q.bind(p.job_id.to_string());
+                }
+                q.execute(&mut *tx).await?;
             }
-            q.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(Recorded {
-            inserted,
-            lost_slots,
-        })
+            tx.commit().await?;
+            Ok(Recorded {
+                inserted,
+                lost_slots,
+            })
+            })
+        .await
     }
 
     /// Persists that `attempt` is about to be sent. False if the execution is gone (job
     /// deleted) or no longer at `attempt - 1` (someone else moved it): then do not send.
     pub async fn begin_attempt(&self, key: &ExecKey, attempt: u32) -> Result<bool, StoreError> {
-        let n = sqlx::query(
-            "UPDATE executions SET attempts = ? WHERE job_id = ? AND scheduled_at = ? \
-             AND attempts = ? AND status = 'pending'",
-        )
-        .bind(i64::from(attempt))
-        .bind(key.job_id.to_string())
-        .bind(key.scheduled_at)
-        .bind(i64::from(attempt) - 1)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n == 1)
+        self.timed(OP_TIMEOUT, async move {
+            let n = sqlx::query(
+                "UPDATE executions SET attempts = ? WHERE job_id = ? AND scheduled_at = ? \
+                 AND attempts = ? AND status = 'pending'",
+            )
+            .bind(i64::from(attempt))
+            .bind(key.job_id.to_string())
+            .bind(key.scheduled_at)
+            .bind(i64::from(attempt) - 1)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            Ok(n == 1)
+        })
+        .await
     }
 
     /// Records attempt outcomes. Returns, per outcome, whether its row was still pending at
@@ -339,117 +345,123 @@ impl Store {
         &self,
         outcomes: &[(ExecKey, u32, Outcome)],
     ) -> Result<Vec<bool>, StoreError> {
-        let mut applied = vec![false; outcomes.len()];
-        let mut tx = self.pool.begin().await?;
-        // Successes are the bulk: one statement per chunk, grouped by response status.
-        let mut by_status: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
-        for (i, (_, _, o)) in outcomes.iter().enumerate() {
-            if let Outcome::Succeeded { status } = o {
-                by_status.entry(*status).or_default().push(i);
-            }
-        }
-        for (status, idxs) in by_status {
-            for chunk in idxs.chunks(CHUNK) {
-                let conds = vec!["(job_id = ? AND scheduled_at = ? AND attempts = ?)"; chunk.len()]
-                    .join(" OR ");
-                let sql = sqlx::AssertSqlSafe(format!(
-                    "UPDATE executions SET status = 'succeeded', response_status = ?, \
-                     last_error = NULL, next_attempt_at = NULL, request = '' \
-                     WHERE status = 'pending' AND ({conds})"
-                ));
-                let mut q = sqlx::query(sql).bind(i64::from(status));
-                for &i in chunk {
-                    let (key, attempt, _) = &outcomes[i];
-                    q = q
-                        .bind(key.job_id.to_string())
-                        .bind(key.scheduled_at)
-                        .bind(i64::from(*attempt));
-                }
-                q.execute(&mut *tx).await?;
-                for &i in chunk {
-                    applied[i] = true;
+        self.timed(OP_TIMEOUT, async move {
+            let mut applied = vec![false; outcomes.len()];
+            let mut tx = self.pool.begin().await?;
+            // Successes are the bulk: one statement per chunk, grouped by response status.
+            let mut by_status: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
+            for (i, (_, _, o)) in outcomes.iter().enumerate() {
+                if let Outcome::Succeeded { status } = o {
+                    by_status.entry(*status).or_default().push(i);
                 }
             }
-        }
-        for (i, (key, attempt, outcome)) in outcomes.iter().enumerate() {
-            let q = match outcome {
-                Outcome::Succeeded { .. } => continue,
-                Outcome::Retry {
-                    next_attempt_at,
-                    error,
-                    status,
-                    request,
-                } => sqlx::query(
-                    "UPDATE executions SET next_attempt_at = ?, last_error = ?, response_status = ?, \
-                     request = ? \
-                     WHERE job_id = ? AND scheduled_at = ? AND attempts = ? AND status = 'pending'",
-                )
-                .bind(*next_attempt_at)
-                .bind(truncate(error).to_string())
-                .bind(status.map(i64::from))
-                .bind(request.clone()),
-                Outcome::Failed {
-                    error,
-                    status,
-                    request,
-                } => sqlx::query(
-                    "UPDATE executions SET status = 'failed', next_attempt_at = NULL, \
-                     last_error = ?, response_status = ?, request = ? \
-                     WHERE job_id = ? AND scheduled_at = ? AND attempts = ? AND status = 'pending'",
-                )
-                .bind(truncate(error).to_string())
-                .bind(status.map(i64::from))
-                .bind(request.clone()),
-            };
-            let n = q
-                .bind(key.job_id.to_string())
-                .bind(key.scheduled_at)
-                .bind(i64::from(*attempt))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            applied[i] = n == 1;
-        }
-        tx.commit().await?;
-        Ok(applied)
+            for (status, idxs) in by_status {
+                for chunk in idxs.chunks(CHUNK) {
+                    let conds = vec!["(job_id = ? AND scheduled_at = ? AND attempts = ?)"; chunk.len()]
+                        .join(" OR ");
+                    let sql = sqlx::AssertSqlSafe(format!(
+                        "UPDATE executions SET status = 'succeeded', response_status = ?, \
+                         last_error = NULL, next_attempt_at = NULL, request = '' \
+                         WHERE status = 'pending' AND ({conds})"
+                    ));
+                    let mut q = sqlx::query(sql).bind(i64::from(status));
+                    for &i in chunk {
+                        let (key, attempt, _) = &outcomes[i];
+                        q = q
+                            .bind(key.job_id.to_string())
+                            .bind(key.scheduled_at)
+                            .bind(i64::from(*attempt));
+                    }
+                    q.execute(&mut *tx).await?;
+                    for &i in chunk {
+                        applied[i] = true;
+                    }
+                }
+            }
+            for (i, (key, attempt, outcome)) in outcomes.iter().enumerate() {
+                let q = match outcome {
+                    Outcome::Succeeded { .. } => continue,
+                    Outcome::Retry {
+                        next_attempt_at,
+                        error,
+                        status,
+                        request,
+                    } => sqlx::query(
+                        "UPDATE executions SET next_attempt_at = ?, last_error = ?, response_status = ?, \
+                         request = ? \
+                         WHERE job_id = ? AND scheduled_at = ? AND attempts = ? AND status = 'pending'",
+                    )
+                    .bind(*next_attempt_at)
+                    .bind(truncate(error).to_string())
+                    .bind(status.map(i64::from))
+                    .bind(request.clone()),
+                    Outcome::Failed {
+                        error,
+                        status,
+                        request,
+                    } => sqlx::query(
+                        "UPDATE executions SET status = 'failed', next_attempt_at = NULL, \
+                         last_error = ?, response_status = ?, request = ? \
+                         WHERE job_id = ? AND scheduled_at = ? AND attempts = ? AND status = 'pending'",
+                    )
+                    .bind(truncate(error).to_string())
+                    .bind(status.map(i64::from))
+                    .bind(request.clone()),
+                };
+                let n = q
+                    .bind(key.job_id.to_string())
+                    .bind(key.scheduled_at)
+                    .bind(i64::from(*attempt))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                applied[i] = n == 1;
+            }
+            tx.commit().await?;
+            Ok(applied)
+            })
+        .await
     }
 
     /// Pending deliveries of `slots` (resume them with their next attempt number).
     pub async fn load_pending(&self, slots: &[u32]) -> Result<Vec<PendingDelivery>, StoreError> {
-        let mut rows = Vec::new();
-        for chunk in slots.chunks(CHUNK) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT e.job_id, e.scheduled_at, e.slot, e.attempts, e.next_attempt_at, \
-                 e.fired_at, e.request, j.spec FROM executions e \
-                 LEFT JOIN jobs j ON j.id = e.job_id \
-                 WHERE e.status = 'pending' AND e.slot IN ({})",
-                vec!["?"; chunk.len()].join(", ")
-            ));
-            let mut q = sqlx::query(sql);
-            for s in chunk {
-                q = q.bind(i64::from(*s));
+        self.timed(LOAD_TIMEOUT, async move {
+            let mut rows = Vec::new();
+            for chunk in slots.chunks(CHUNK) {
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "SELECT e.job_id, e.scheduled_at, e.slot, e.attempts, e.next_attempt_at, \
+                     e.fired_at, e.request, j.spec FROM executions e \
+                     LEFT JOIN jobs j ON j.id = e.job_id \
+                     WHERE e.status = 'pending' AND e.slot IN ({})",
+                    vec!["?"; chunk.len()].join(", ")
+                ));
+                let mut q = sqlx::query(sql);
+                for s in chunk {
+                    q = q.bind(i64::from(*s));
+                }
+                rows.extend(q.fetch_all(&self.pool).await?);
             }
-            rows.extend(q.fetch_all(&self.pool).await?);
-        }
-        rows.iter()
-            .map(|row| {
-                let job_id: String = row.try_get("job_id")?;
-                Ok(PendingDelivery {
-                    key: ExecKey {
-                        job_id: job_id.into(),
-                        scheduled_at: row.try_get("scheduled_at")?,
-                    },
-                    slot: row.try_get::<i64, _>("slot")? as u32,
-                    attempts: row.try_get::<i64, _>("attempts")?.max(0) as u32,
-                    next_attempt_at: row
-                        .try_get::<Option<i64>, _>("next_attempt_at")?
-                        .unwrap_or(0),
-                    fired_at: row.try_get("fired_at")?,
-                    request: row.try_get("request")?,
-                    job_spec: row.try_get("spec")?,
+            rows.iter()
+                .map(|row| {
+                    let job_id: String = row.try_get("job_id")?;
+                    Ok(PendingDelivery {
+                        key: ExecKey {
+                            job_id: job_id.into(),
+                            scheduled_at: row.try_get("scheduled_at")?,
+                        },
+                        slot: row.try_get::<i64, _>("slot")? as u32,
+                        attempts: row.try_get::<i64, _>("attempts")?.max(0) as u32,
+                        next_attempt_at: row
+                            .try_get::<Option<i64>, _>("next_attempt_at")?
+                            .unwrap_or(0),
+                        fired_at: row.try_get("fired_at")?,
+                        request: row.try_get("request")?,
+                        job_spec: row.try_get("spec")?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 
     /// Newest first.
@@ -458,61 +470,70 @@ impl Store {
         job_id: &str,
         limit: u32,
     ) -> Result<Vec<ExecutionRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT job_id, scheduled_at, manual, fired_at, node, attempts, status, \
-             next_attempt_at, last_error, response_status FROM executions WHERE job_id = ? \
-             ORDER BY scheduled_at DESC LIMIT ?",
-        )
-        .bind(job_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(exec_from_row).collect()
+        self.timed(OP_TIMEOUT, async move {
+            let rows = sqlx::query(
+                "SELECT job_id, scheduled_at, manual, fired_at, node, attempts, status, \
+                 next_attempt_at, last_error, response_status FROM executions WHERE job_id = ? \
+                 ORDER BY scheduled_at DESC LIMIT ?",
+            )
+            .bind(job_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(exec_from_row).collect()
+        })
+        .await
     }
 
     /// Keeps the newest `keep` executions of a job; deletes older finished ones.
     pub async fn prune_job_history(&self, job_id: &str, keep: u32) -> Result<u64, StoreError> {
-        let cutoff: Option<i64> = sqlx::query_scalar(
-            "SELECT scheduled_at FROM executions WHERE job_id = ? \
-             ORDER BY scheduled_at DESC LIMIT 1 OFFSET ?",
-        )
-        .bind(job_id)
-        .bind(i64::from(keep) - 1)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(cutoff) = cutoff else {
-            return Ok(0);
-        };
-        let n = sqlx::query(
-            "DELETE FROM executions WHERE job_id = ? AND scheduled_at < ? AND status <> 'pending'",
-        )
-        .bind(job_id)
-        .bind(cutoff)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n)
+        self.timed(OP_TIMEOUT, async move {
+            let cutoff: Option<i64> = sqlx::query_scalar(
+                "SELECT scheduled_at FROM executions WHERE job_id = ? \
+                 ORDER BY scheduled_at DESC LIMIT 1 OFFSET ?",
+            )
+            .bind(job_id)
+            .bind(i64::from(keep) - 1)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(cutoff) = cutoff else {
+                return Ok(0);
+            };
+            let n = sqlx::query(
+                "DELETE FROM executions WHERE job_id = ? AND scheduled_at < ? AND status <> 'pending'",
+            )
+            .bind(job_id)
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            Ok(n)
+            })
+        .await
     }
 
     /// Deletes finished executions scheduled before `cutoff`, at most `limit` rows (so a
     /// large purge does not hold locks for long); returns how many went.
     pub async fn prune_older_than(&self, cutoff: i64, limit: u32) -> Result<u64, StoreError> {
-        let sql = match self.dialect {
-            super::Dialect::MySql => {
-                "DELETE FROM executions WHERE scheduled_at < ? AND status <> 'pending' LIMIT ?"
-            }
-            super::Dialect::Sqlite => {
-                "DELETE FROM executions WHERE (job_id, scheduled_at) IN (SELECT job_id, \
-                 scheduled_at FROM executions WHERE scheduled_at < ? AND status <> 'pending' \
-                 LIMIT ?)"
-            }
-        };
-        let n = sqlx::query(sql)
-            .bind(cutoff)
-            .bind(i64::from(limit))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n)
+        self.timed(OP_TIMEOUT, async move {
+            let sql = match self.dialect {
+                super::Dialect::MySql => {
+                    "DELETE FROM executions WHERE scheduled_at < ? AND status <> 'pending' LIMIT ?"
+                }
+                super::Dialect::Sqlite => {
+                    "DELETE FROM executions WHERE (job_id, scheduled_at) IN (SELECT job_id, \
+                     scheduled_at FROM executions WHERE scheduled_at < ? AND status <> 'pending' \
+                     LIMIT ?)"
+                }
+            };
+            let n = sqlx::query(sql)
+                .bind(cutoff)
+                .bind(i64::from(limit))
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            Ok(n)
+        })
+        .await
     }
 }

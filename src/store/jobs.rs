@@ -4,7 +4,7 @@ use futures::TryStreamExt;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Store, StoreError};
+use super::{LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError};
 
 /// A job row. `spec` is the JSON of [`crate::job::StoredSpec`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,22 +47,25 @@ fn from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
 impl Store {
     /// Creates the job; [`StoreError::Conflict`] if the id exists.
     pub async fn insert_job(&self, job: &JobRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO jobs (id, slot, spec, paused, active_since, last_fire_at, next_fire_at, \
-             created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&job.id)
-        .bind(i64::from(job.slot))
-        .bind(&job.spec)
-        .bind(i64::from(job.paused))
-        .bind(job.active_since)
-        .bind(job.last_fire_at)
-        .bind(job.next_fire_at)
-        .bind(job.created_at)
-        .bind(job.updated_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.timed(OP_TIMEOUT, async move {
+            sqlx::query(
+                "INSERT INTO jobs (id, slot, spec, paused, active_since, last_fire_at, next_fire_at, \
+                 created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&job.id)
+            .bind(i64::from(job.slot))
+            .bind(&job.spec)
+            .bind(i64::from(job.paused))
+            .bind(job.active_since)
+            .bind(job.last_fire_at)
+            .bind(job.next_fire_at)
+            .bind(job.created_at)
+            .bind(job.updated_at)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+            })
+        .await
     }
 
     /// Creates or replaces the job. A replace keeps `created_at` and `last_fire_at` (so a
@@ -71,35 +74,41 @@ impl Store {
     /// Insert-then-update rather than an upsert statement: `rows_affected` of an upsert
     /// cannot tell created from replaced on both backends. Callers serialize writes per id.
     pub async fn put_job(&self, job: &JobRecord) -> Result<PutOutcome, StoreError> {
-        loop {
-            match self.insert_job(job).await {
-                Ok(()) => return Ok(PutOutcome::Created),
-                Err(StoreError::Conflict) => {}
-                Err(e) => return Err(e),
+        self.timed(OP_TIMEOUT, async move {
+            loop {
+                match self.insert_job(job).await {
+                    Ok(()) => return Ok(PutOutcome::Created),
+                    Err(StoreError::Conflict) => {}
+                    Err(e) => return Err(e),
+                }
+                let updated = sqlx::query(
+                    "UPDATE jobs SET spec = ?, paused = ?, active_since = ?, next_fire_at = ?, \
+                     updated_at = ? WHERE id = ?",
+                )
+                .bind(&job.spec)
+                .bind(i64::from(job.paused))
+                .bind(job.active_since)
+                .bind(job.next_fire_at)
+                .bind(job.updated_at)
+                .bind(&job.id)
+                .execute(&self.pool)
+                .await?;
+                if updated.rows_affected() > 0 {
+                    return Ok(PutOutcome::Replaced);
+                }
+                // Deleted between our insert and update (another node's request): insert again.
             }
-            let updated = sqlx::query(
-                "UPDATE jobs SET spec = ?, paused = ?, active_since = ?, next_fire_at = ?, \
-                 updated_at = ? WHERE id = ?",
-            )
-            .bind(&job.spec)
-            .bind(i64::from(job.paused))
-            .bind(job.active_since)
-            .bind(job.next_fire_at)
-            .bind(job.updated_at)
-            .bind(&job.id)
-            .execute(&self.pool)
-            .await?;
-            if updated.rows_affected() > 0 {
-                return Ok(PutOutcome::Replaced);
-            }
-            // Deleted between our insert and update (another node's request): insert again.
-        }
+        })
+        .await
     }
 
     pub async fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs WHERE id = ?"));
-        let row = sqlx::query(sql).bind(id).fetch_optional(&self.pool).await?;
-        row.as_ref().map(from_row).transpose()
+        self.timed(OP_TIMEOUT, async move {
+            let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs WHERE id = ?"));
+            let row = sqlx::query(sql).bind(id).fetch_optional(&self.pool).await?;
+            row.as_ref().map(from_row).transpose()
+        })
+        .await
     }
 
     /// Jobs ordered by id, strictly after `after` (keyset pagination).
@@ -108,31 +117,37 @@ impl Store {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<JobRecord>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM jobs WHERE id > ? ORDER BY id LIMIT ?"
-        ));
-        let rows = sqlx::query(sql)
-            .bind(after.unwrap_or(""))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(from_row).collect()
+        self.timed(OP_TIMEOUT, async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM jobs WHERE id > ? ORDER BY id LIMIT ?"
+            ));
+            let rows = sqlx::query(sql)
+                .bind(after.unwrap_or(""))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(from_row).collect()
+        })
+        .await
     }
 
     /// Deletes the job and its executions (its pending deliveries with it). False if absent.
     pub async fn delete_job(&self, id: &str) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM executions WHERE job_id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        let deleted = sqlx::query("DELETE FROM jobs WHERE id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(deleted > 0)
+        self.timed(OP_TIMEOUT, async move {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("DELETE FROM executions WHERE job_id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let deleted = sqlx::query("DELETE FROM jobs WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            Ok(deleted > 0)
+        })
+        .await
     }
 
     /// Pauses or resumes. Resuming restarts the schedule at `now` (no make-up of the paused
@@ -144,30 +159,33 @@ impl Store {
         now: i64,
         next_fire_at: Option<i64>,
     ) -> Result<Option<JobRecord>, StoreError> {
-        let result = if paused {
-            sqlx::query(
-                "UPDATE jobs SET paused = 1, next_fire_at = NULL, updated_at = ? WHERE id = ?",
-            )
-            .bind(now)
-            .bind(id)
-            .execute(&self.pool)
-            .await?
-        } else {
-            sqlx::query(
-                "UPDATE jobs SET paused = 0, active_since = ?, next_fire_at = ?, updated_at = ? \
-                 WHERE id = ?",
-            )
-            .bind(now)
-            .bind(next_fire_at)
-            .bind(now)
-            .bind(id)
-            .execute(&self.pool)
-            .await?
-        };
-        if result.rows_affected() == 0 {
-            return Ok(None);
-        }
-        self.get_job(id).await
+        self.timed(OP_TIMEOUT, async move {
+            let result = if paused {
+                sqlx::query(
+                    "UPDATE jobs SET paused = 1, next_fire_at = NULL, updated_at = ? WHERE id = ?",
+                )
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+            } else {
+                sqlx::query(
+                    "UPDATE jobs SET paused = 0, active_since = ?, next_fire_at = ?, updated_at = ? \
+                     WHERE id = ?",
+                )
+                .bind(now)
+                .bind(next_fire_at)
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+            };
+            if result.rows_affected() == 0 {
+                return Ok(None);
+            }
+            self.get_job(id).await
+            })
+        .await
     }
 
     /// Streams every job to `each`, in slot order (the order a cluster node loads slots in).
@@ -175,14 +193,17 @@ impl Store {
         &self,
         mut each: impl FnMut(JobRecord) -> Result<(), StoreError>,
     ) -> Result<u64, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs"));
-        let mut rows = sqlx::query(sql).fetch(&self.pool);
-        let mut n = 0;
-        while let Some(row) = rows.try_next().await? {
-            each(from_row(&row)?)?;
-            n += 1;
-        }
-        Ok(n)
+        self.timed(LOAD_TIMEOUT, async move {
+            let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs"));
+            let mut rows = sqlx::query(sql).fetch(&self.pool);
+            let mut n = 0;
+            while let Some(row) = rows.try_next().await? {
+                each(from_row(&row)?)?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
     }
 
     /// Streams the jobs of `slots` to `each` (a node loading the slots it gained).
@@ -191,29 +212,35 @@ impl Store {
         slots: &[u32],
         mut each: impl FnMut(JobRecord) -> Result<(), StoreError>,
     ) -> Result<u64, StoreError> {
-        let mut n = 0;
-        for chunk in slots.chunks(500) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {COLUMNS} FROM jobs WHERE slot IN ({})",
-                vec!["?"; chunk.len()].join(", ")
-            ));
-            let mut q = sqlx::query(sql);
-            for s in chunk {
-                q = q.bind(i64::from(*s));
+        self.timed(LOAD_TIMEOUT, async move {
+            let mut n = 0;
+            for chunk in slots.chunks(500) {
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "SELECT {COLUMNS} FROM jobs WHERE slot IN ({})",
+                    vec!["?"; chunk.len()].join(", ")
+                ));
+                let mut q = sqlx::query(sql);
+                for s in chunk {
+                    q = q.bind(i64::from(*s));
+                }
+                let mut rows = q.fetch(&self.pool);
+                while let Some(row) = rows.try_next().await? {
+                    each(from_row(&row)?)?;
+                    n += 1;
+                }
             }
-            let mut rows = q.fetch(&self.pool);
-            while let Some(row) = rows.try_next().await? {
-                each(from_row(&row)?)?;
-                n += 1;
-            }
-        }
-        Ok(n)
+            Ok(n)
+        })
+        .await
     }
 
     pub async fn count_jobs(&self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n as u64)
+        self.timed(OP_TIMEOUT, async move {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(n as u64)
+        })
+        .await
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use sqlx::Row;
 
-use super::{Dialect, Store, StoreError};
+use super::{Dialect, LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError};
 use crate::job::SLOTS;
 
 const CHUNK: usize = 500;
@@ -26,20 +26,23 @@ impl Store {
 
     /// Creates the lease row of every slot (idempotent).
     pub async fn ensure_lease_rows(&self) -> Result<(), StoreError> {
-        let slots: Vec<u32> = (0..SLOTS).collect();
-        for chunk in slots.chunks(CHUNK) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "{} INTO slot_leases (slot) VALUES {}",
-                self.insert_ignore(),
-                vec!["(?)"; chunk.len()].join(", ")
-            ));
-            let mut q = sqlx::query(sql);
-            for s in chunk {
-                q = q.bind(i64::from(*s));
+        self.timed(LOAD_TIMEOUT, async move {
+            let slots: Vec<u32> = (0..SLOTS).collect();
+            for chunk in slots.chunks(CHUNK) {
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "{} INTO slot_leases (slot) VALUES {}",
+                    self.insert_ignore(),
+                    vec!["(?)"; chunk.len()].join(", ")
+                ));
+                let mut q = sqlx::query(sql);
+                for s in chunk {
+                    q = q.bind(i64::from(*s));
+                }
+                q.execute(&self.pool).await?;
             }
-            q.execute(&self.pool).await?;
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     /// Takes every slot in `slots` that is free, expired, or already `node`'s, with a new
@@ -50,22 +53,25 @@ impl Store {
         slots: &[u32],
         ttl_ms: i64,
     ) -> Result<HashMap<u32, i64>, StoreError> {
-        let mut held = HashMap::new();
-        let now = self.db_now();
-        for chunk in slots.chunks(CHUNK) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "UPDATE slot_leases SET owner = ?, epoch = epoch + 1, expires_at = {now} + ? \
-                 WHERE slot IN ({}) AND (owner = '' OR owner = ? OR expires_at < {now})",
-                in_list(chunk.len())
-            ));
-            let mut q = sqlx::query(sql).bind(node.to_string()).bind(ttl_ms);
-            for s in chunk {
-                q = q.bind(i64::from(*s));
+        self.timed(OP_TIMEOUT, async move {
+            let mut held = HashMap::new();
+            let now = self.db_now();
+            for chunk in slots.chunks(CHUNK) {
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "UPDATE slot_leases SET owner = ?, epoch = epoch + 1, expires_at = {now} + ? \
+                     WHERE slot IN ({}) AND (owner = '' OR owner = ? OR expires_at < {now})",
+                    in_list(chunk.len())
+                ));
+                let mut q = sqlx::query(sql).bind(node.to_string()).bind(ttl_ms);
+                for s in chunk {
+                    q = q.bind(i64::from(*s));
+                }
+                q.bind(node.to_string()).execute(&self.pool).await?;
+                held.extend(self.held_among(node, chunk).await?);
             }
-            q.bind(node.to_string()).execute(&self.pool).await?;
-            held.extend(self.held_among(node, chunk).await?);
-        }
-        Ok(held)
+            Ok(held)
+        })
+        .await
     }
 
     /// Extends `node`'s leases on `slots`; returns those still held, with their epochs.
@@ -75,21 +81,24 @@ impl Store {
         slots: &[u32],
         ttl_ms: i64,
     ) -> Result<HashMap<u32, i64>, StoreError> {
-        let mut held = HashMap::new();
-        let now = self.db_now();
-        for chunk in slots.chunks(CHUNK) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "UPDATE slot_leases SET expires_at = {now} + ? WHERE owner = ? AND slot IN ({})",
-                in_list(chunk.len())
-            ));
-            let mut q = sqlx::query(sql).bind(ttl_ms).bind(node.to_string());
-            for s in chunk {
-                q = q.bind(i64::from(*s));
+        self.timed(OP_TIMEOUT, async move {
+            let mut held = HashMap::new();
+            let now = self.db_now();
+            for chunk in slots.chunks(CHUNK) {
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "UPDATE slot_leases SET expires_at = {now} + ? WHERE owner = ? AND slot IN ({})",
+                    in_list(chunk.len())
+                ));
+                let mut q = sqlx::query(sql).bind(ttl_ms).bind(node.to_string());
+                for s in chunk {
+                    q = q.bind(i64::from(*s));
+                }
+                q.execute(&self.pool).await?;
+                held.extend(self.held_among(node, chunk).await?);
             }
-            q.execute(&self.pool).await?;
-            held.extend(self.held_among(node, chunk).await?);
-        }
-        Ok(held)
+            Ok(held)
+            })
+        .await
     }
 
     async fn held_among(&self, node: &str, slots: &[u32]) -> Result<Vec<(u32, i64)>, StoreError> {
@@ -111,57 +120,69 @@ impl Store {
 
     /// Gives up `node`'s leases on `slots` at once, so the next owner need not wait for expiry.
     pub async fn release_leases(&self, node: &str, slots: &[u32]) -> Result<(), StoreError> {
-        for chunk in slots.chunks(CHUNK) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "UPDATE slot_leases SET owner = '', expires_at = 0 WHERE owner = ? AND slot IN ({})",
-                in_list(chunk.len())
-            ));
-            let mut q = sqlx::query(sql).bind(node.to_string());
-            for s in chunk {
-                q = q.bind(i64::from(*s));
+        self.timed(OP_TIMEOUT, async move {
+            for chunk in slots.chunks(CHUNK) {
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "UPDATE slot_leases SET owner = '', expires_at = 0 WHERE owner = ? AND slot IN ({})",
+                    in_list(chunk.len())
+                ));
+                let mut q = sqlx::query(sql).bind(node.to_string());
+                for s in chunk {
+                    q = q.bind(i64::from(*s));
+                }
+                q.execute(&self.pool).await?;
             }
-            q.execute(&self.pool).await?;
-        }
-        Ok(())
+            Ok(())
+            })
+        .await
     }
 
     /// The live holder of `slot`, if any.
     pub async fn lease_holder(&self, slot: u32) -> Result<Option<String>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT owner FROM slot_leases WHERE slot = ? AND owner <> '' AND expires_at > {}",
-            self.db_now()
-        ));
-        Ok(sqlx::query_scalar(sql)
-            .bind(i64::from(slot))
-            .fetch_optional(&self.pool)
-            .await?)
+        self.timed(OP_TIMEOUT, async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT owner FROM slot_leases WHERE slot = ? AND owner <> '' AND expires_at > {}",
+                self.db_now()
+            ));
+            Ok(sqlx::query_scalar(sql)
+                .bind(i64::from(slot))
+                .fetch_optional(&self.pool)
+                .await?)
+        })
+        .await
     }
 
     /// Live lease holders and how many slots each holds.
     pub async fn lease_counts(&self) -> Result<Vec<(String, u32)>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT owner, COUNT(*) AS n FROM slot_leases WHERE owner <> '' AND expires_at > {} \
-             GROUP BY owner ORDER BY owner",
-            self.db_now()
-        ));
-        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("owner")?, r.try_get::<i64, _>("n")? as u32)))
-            .collect()
+        self.timed(OP_TIMEOUT, async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT owner, COUNT(*) AS n FROM slot_leases WHERE owner <> '' AND expires_at > {} \
+                 GROUP BY owner ORDER BY owner",
+                self.db_now()
+            ));
+            let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get("owner")?, r.try_get::<i64, _>("n")? as u32)))
+                .collect()
+            })
+        .await
     }
 
     /// Jobs per slot, for the cluster view.
     pub async fn jobs_per_slot(&self) -> Result<HashMap<u32, u64>, StoreError> {
-        let rows = sqlx::query("SELECT slot, COUNT(*) AS n FROM jobs GROUP BY slot")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<i64, _>("slot")? as u32,
-                    r.try_get::<i64, _>("n")? as u64,
-                ))
-            })
-            .collect()
+        self.timed(LOAD_TIMEOUT, async move {
+            let rows = sqlx::query("SELECT slot, COUNT(*) AS n FROM jobs GROUP BY slot")
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<i64, _>("slot")? as u32,
+                        r.try_get::<i64, _>("n")? as u64,
+                    ))
+                })
+                .collect()
+        })
+        .await
     }
 }

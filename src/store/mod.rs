@@ -11,6 +11,8 @@ mod executions;
 mod jobs;
 mod leases;
 
+use std::future::Future;
+
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -43,11 +45,15 @@ pub enum StoreError {
     Query(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database did not answer in time (e.g. a frozen connection during a network
+    /// partition); the operation was abandoned together with its connection.
+    #[error("database did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 impl StoreError {
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::Timeout(_))
     }
 }
 
@@ -68,6 +74,13 @@ impl From<sqlx::Error> for StoreError {
         }
     }
 }
+
+/// Deadline of one store operation. sqlx has no statement timeout, and a statement on a
+/// connection frozen by a partition would otherwise wait for TCP to give up (many minutes),
+/// stalling the scheduler or the ownership worker long after the database is back.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of bulk reads (loading the jobs of many slots) and of migrations.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
@@ -116,6 +129,17 @@ impl Store {
         Ok(Store { pool, dialect })
     }
 
+    /// Runs `op` with a deadline; a late operation is dropped, and with it its connection.
+    async fn timed<T>(
+        &self,
+        limit: Duration,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(limit, op)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(limit)))
+    }
+
     pub fn dialect(&self) -> Dialect {
         self.dialect
     }
@@ -124,33 +148,40 @@ impl Store {
     /// own locking through the `Any` driver still let two nodes apply migration 1 at once
     /// (seen: duplicate key in `_sqlx_migrations`).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        match self.dialect {
-            Dialect::MySql => {
-                let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('chime_migrate', 60)")
-                    .fetch_one(&mut *conn)
-                    .await?;
-                if got != Some(1) {
-                    return Err(StoreError::Corrupt(
-                        "timed out waiting for another node's migration".into(),
-                    ));
+        self.timed(LOAD_TIMEOUT, async move {
+            let mut conn = self.pool.acquire().await?;
+            match self.dialect {
+                Dialect::MySql => {
+                    let got: Option<i64> =
+                        sqlx::query_scalar("SELECT GET_LOCK('chime_migrate', 60)")
+                            .fetch_one(&mut *conn)
+                            .await?;
+                    if got != Some(1) {
+                        return Err(StoreError::Corrupt(
+                            "timed out waiting for another node's migration".into(),
+                        ));
+                    }
+                    let result = sqlx::migrate!("migrations/mysql").run(&mut *conn).await;
+                    let _ = sqlx::query("SELECT RELEASE_LOCK('chime_migrate')")
+                        .execute(&mut *conn)
+                        .await;
+                    result?;
                 }
-                let result = sqlx::migrate!("migrations/mysql").run(&mut *conn).await;
-                let _ = sqlx::query("SELECT RELEASE_LOCK('chime_migrate')")
-                    .execute(&mut *conn)
-                    .await;
-                result?;
+                Dialect::Sqlite => sqlx::migrate!("migrations/sqlite").run(&mut *conn).await?,
             }
-            Dialect::Sqlite => sqlx::migrate!("migrations/sqlite").run(&mut *conn).await?,
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     /// One round trip: is the database there?
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        conn.ping().await?;
-        Ok(())
+        self.timed(OP_TIMEOUT, async move {
+            let mut conn = self.pool.acquire().await?;
+            conn.ping().await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn close(&self) {
