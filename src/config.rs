@@ -11,6 +11,8 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::delivery::OutboundPolicy;
+
 /// Everything `chime serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -37,6 +39,8 @@ pub struct Config {
     /// How long SIGTERM waits for in-flight callbacks before leaving them to the retry queue.
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// Which addresses callbacks may reach (link-local and metadata refused by default).
+    pub outbound: OutboundPolicy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -111,6 +115,13 @@ pub struct ServeArgs {
     /// Log format [default: text]
     #[arg(long, env = "CHIME_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Networks callbacks may reach even if refused by default, e.g. 169.254.10.0/24
+    #[arg(long, env = "CHIME_OUTBOUND_ALLOW", value_delimiter = ',')]
+    pub outbound_allow: Option<Vec<String>>,
+    /// More networks callbacks may not reach, e.g. 10.0.0.0/8 (link-local and cloud
+    /// metadata addresses are always refused unless allowed)
+    #[arg(long, env = "CHIME_OUTBOUND_DENY", value_delimiter = ',')]
+    pub outbound_deny: Option<Vec<String>>,
 }
 
 /// The TOML file: same keys as the flags, unknown keys rejected so typos are caught.
@@ -133,6 +144,8 @@ struct FileConfig {
     delivery_concurrency: Option<usize>,
     shutdown_grace: Option<String>,
     log_format: Option<LogFormat>,
+    outbound_allow: Option<Vec<String>>,
+    outbound_deny: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +243,17 @@ impl ServeArgs {
         if delivery_concurrency == 0 {
             return Err(invalid("delivery_concurrency", "must be at least 1"));
         }
+        let outbound = OutboundPolicy::new(
+            &self
+                .outbound_allow
+                .or(file.outbound_allow)
+                .unwrap_or_default(),
+            &self
+                .outbound_deny
+                .or(file.outbound_deny)
+                .unwrap_or_default(),
+        )
+        .map_err(|m| invalid("outbound_allow/outbound_deny", m))?;
         Ok(Config {
             node_id,
             http_addr,
@@ -265,6 +289,7 @@ impl ServeArgs {
                 .log_format
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Text),
+            outbound,
         })
     }
 }

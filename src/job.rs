@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::delivery::OutboundPolicy;
 use crate::schedule::{Schedule, parse_timezone};
 
 /// Jobs are spread over this many fixed slots; a slot is the unit of ownership in a cluster
@@ -275,6 +276,7 @@ impl JobInput {
         path_id: Option<&str>,
         generated_id: impl FnOnce() -> String,
         now_ms: i64,
+        outbound: &OutboundPolicy,
     ) -> Result<ValidJob, FieldError> {
         let id = match (path_id, self.id) {
             (Some(p), Some(b)) if p != b => {
@@ -309,6 +311,7 @@ impl JobInput {
         let callback = validate_callback(
             self.callback
                 .ok_or_else(|| FieldError::new("callback", "is required (http)"))?,
+            outbound,
         )?;
         let retry = validate_retry(self.retry)?;
         let secret = match self.secret {
@@ -340,7 +343,10 @@ impl JobInput {
     }
 }
 
-fn validate_callback(input: CallbackInput) -> Result<Callback, FieldError> {
+fn validate_callback(
+    input: CallbackInput,
+    outbound: &OutboundPolicy,
+) -> Result<Callback, FieldError> {
     match (input.http, input.grpc) {
         (Some(_), Some(_)) => Err(FieldError::new(
             "callback",
@@ -354,11 +360,11 @@ fn validate_callback(input: CallbackInput) -> Result<Callback, FieldError> {
             "callback.grpc",
             "gRPC callbacks are not available in this version yet; use http",
         )),
-        (Some(http), None) => validate_http(http).map(Callback::Http),
+        (Some(http), None) => validate_http(http, outbound).map(Callback::Http),
     }
 }
 
-fn validate_http(input: HttpInput) -> Result<HttpCallback, FieldError> {
+fn validate_http(input: HttpInput, outbound: &OutboundPolicy) -> Result<HttpCallback, FieldError> {
     let raw = input
         .url
         .ok_or_else(|| FieldError::new("callback.http.url", "is required"))?;
@@ -379,8 +385,14 @@ fn validate_http(input: HttpInput) -> Result<HttpCallback, FieldError> {
             ));
         }
     }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(FieldError::new("callback.http.url", "has no host"));
+    match url.host() {
+        None => return Err(FieldError::new("callback.http.url", "has no host")),
+        Some(url::Host::Ipv4(ip)) => check_ip(outbound, ip.into())?,
+        Some(url::Host::Ipv6(ip)) => check_ip(outbound, ip.into())?,
+        Some(url::Host::Domain("")) => {
+            return Err(FieldError::new("callback.http.url", "has no host"));
+        }
+        Some(url::Host::Domain(_)) => {}
     }
     let raw_method = input.method.unwrap_or_else(|| "POST".into()).to_uppercase();
     let method = HttpMethod::parse(&raw_method).ok_or_else(|| {
@@ -427,6 +439,12 @@ fn validate_http(input: HttpInput) -> Result<HttpCallback, FieldError> {
         headers: headers.into_iter().collect(),
         timeout_ms,
     })
+}
+
+fn check_ip(outbound: &OutboundPolicy, ip: std::net::IpAddr) -> Result<(), FieldError> {
+    outbound
+        .check(ip)
+        .map_err(|e| FieldError::new("callback.http.url", e))
 }
 
 fn validate_retry(input: Option<RetryInput>) -> Result<RetryPolicy, FieldError> {
@@ -583,7 +601,12 @@ mod tests {
     #[test]
     fn minimal_job_gets_defaults() {
         let j = input(r#"{"schedule":"*/5 * * * *","callback":{"http":{"url":"http://h:1/x"}}}"#)
-            .validate(Some("a"), || unreachable!(), NOW)
+            .validate(
+                Some("a"),
+                || unreachable!(),
+                NOW,
+                &OutboundPolicy::default(),
+            )
             .unwrap();
         let Callback::Http(h) = &j.spec.callback;
         assert_eq!(h.method, HttpMethod::Post);
@@ -646,10 +669,23 @@ mod tests {
                 r#"{"id":"other","schedule":"@hourly","callback":{"http":{"url":"http://h/"}}}"#,
                 "id",
             ),
+            (
+                r#"{"schedule":"@hourly","callback":{"http":{"url":"http://169.254.169.254/latest/meta-data"}}}"#,
+                "callback.http.url",
+            ),
+            (
+                r#"{"schedule":"@hourly","callback":{"http":{"url":"http://[fd00:ec2::254]/"}}}"#,
+                "callback.http.url",
+            ),
         ];
         for (body, field) in cases {
             let err = input(body)
-                .validate(Some("a"), || unreachable!(), NOW)
+                .validate(
+                    Some("a"),
+                    || unreachable!(),
+                    NOW,
+                    &OutboundPolicy::default(),
+                )
                 .unwrap_err();
             assert_eq!(err.field, field, "{body} -> {err}");
         }

@@ -54,6 +54,7 @@ pub async fn serve(
     let delivery = delivery::spawn(
         delivery::DeliveryConfig {
             concurrency: config.delivery_concurrency,
+            outbound: config.outbound.clone(),
             shutdown_grace: config.shutdown_grace,
         },
         store.clone(),
@@ -103,6 +104,7 @@ pub async fn serve(
             node_id: config.node_id.clone(),
             api_token: config.api_token.clone(),
             max_body_bytes: config.max_body_bytes,
+            outbound: config.outbound.clone(),
         },
         store.clone(),
         scheduler.clone(),

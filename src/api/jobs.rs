@@ -135,7 +135,7 @@ pub async fn put(
 ) -> Result<Response, ApiError> {
     check_path_id(&id)?;
     let now = now_ms();
-    let valid = input.validate(Some(&id), job::generate_id, now)?;
+    let valid = input.validate(Some(&id), job::generate_id, now, &state.outbound)?;
     let (rec, job) = record_of(&valid, now)?;
     state.require_lease(&id)?;
     let _guard = state.lock(&id).await;
@@ -168,7 +168,7 @@ pub async fn create(
     JsonBody(input): JsonBody<JobInput>,
 ) -> Result<Response, ApiError> {
     let now = now_ms();
-    let valid = input.validate(None, || owned_id(&state), now)?;
+    let valid = input.validate(None, || owned_id(&state), now, &state.outbound)?;
     let (rec, job) = record_of(&valid, now)?;
     state.require_lease(&rec.id)?;
     let _guard = state.lock(&rec.id).await;

@@ -39,6 +39,7 @@ pub struct ApiState {
     /// Client for forwarding requests to other nodes.
     forwarder: reqwest::Client,
     max_body_bytes: usize,
+    outbound: crate::delivery::OutboundPolicy,
     api_token: Option<Arc<str>>,
     ready: Arc<AtomicBool>,
     locks: Arc<[tokio::sync::Mutex<()>]>,
@@ -48,6 +49,7 @@ pub struct ApiConfig {
     pub node_id: String,
     pub api_token: Option<String>,
     pub max_body_bytes: usize,
+    pub outbound: crate::delivery::OutboundPolicy,
 }
 
 impl ApiState {
@@ -70,6 +72,7 @@ impl ApiState {
                 .build()
                 .expect("a client with static settings builds"),
             max_body_bytes: config.max_body_bytes,
+            outbound: config.outbound,
             api_token: config.api_token.map(Into::into),
             ready: Arc::new(AtomicBool::new(false)),
             locks: (0..LOCK_STRIPES).map(|_| Default::default()).collect(),

@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use sha2::Sha256;
 
+use super::OutboundPolicy;
 use crate::clock::fmt_ms;
 use crate::job::HttpCallback;
 
@@ -42,6 +43,9 @@ pub(crate) enum AttemptError {
     },
     #[error("timed out after {0} ms")]
     Timeout(u64),
+    /// The destination is refused by the outbound policy: never retried.
+    #[error("{0}")]
+    Refused(String),
     #[error("{0}")]
     Transport(String),
 }
@@ -55,6 +59,7 @@ impl AttemptError {
                 *status >= 500 || *status == 408 || *status == 429
             }
             AttemptError::Timeout(_) | AttemptError::Transport(_) => true,
+            AttemptError::Refused(_) => false,
         }
     }
 
@@ -76,9 +81,20 @@ impl AttemptError {
 /// Sends one attempt; `Ok(status)` for a 2xx.
 pub(crate) async fn send(
     client: &reqwest::Client,
+    outbound: &OutboundPolicy,
     cb: &HttpCallback,
     a: &Attempt<'_>,
 ) -> Result<u16, AttemptError> {
+    // Host names are checked by the client's resolver; IP literals never reach it.
+    if let Some(ip) = reqwest::Url::parse(&cb.url)
+        .ok()
+        .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+    {
+        outbound
+            .check(ip)
+            .map_err(|e| AttemptError::Refused(format!("refused: {e}")))?;
+    }
     let scheduled = fmt_ms(a.scheduled_at);
     let body = serde_json::to_vec(&Body {
         job_id: a.job_id,
@@ -170,6 +186,9 @@ fn classify(e: reqwest::Error, timeout_ms: u64) -> AttemptError {
     let mut msg = e.to_string();
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
+        if let Some(refused) = s.downcast_ref::<super::outbound::Refused>() {
+            return AttemptError::Refused(refused.to_string());
+        }
         msg.push_str(": ");
         msg.push_str(&s.to_string());
         source = s.source();

@@ -10,6 +10,7 @@
 //!   `next_attempt_at` is stored, so the queue in memory is always a subset of the durable one.
 
 mod http;
+mod outbound;
 mod retry;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use outbound::OutboundPolicy;
 pub use retry::retry_delay;
 
 use crate::clock::{now_ms, now_us};
@@ -62,6 +64,7 @@ impl DeliveryHandle {
 
 pub struct DeliveryConfig {
     pub concurrency: usize,
+    pub outbound: OutboundPolicy,
     /// How long shutdown waits for attempts in flight.
     pub shutdown_grace: Duration,
 }
@@ -83,6 +86,9 @@ pub fn spawn(
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .no_proxy()
+        .dns_resolver(Arc::new(outbound::CheckedResolver {
+            policy: config.outbound.clone(),
+        }))
         .user_agent(concat!("chime/", env!("CARGO_PKG_VERSION")))
         .build()
         .expect("a client with static settings builds");
@@ -93,6 +99,7 @@ pub fn spawn(
         waiting: BTreeMap::new(),
         seq: 0,
         permits: Arc::new(Semaphore::new(config.concurrency)),
+        outbound: config.outbound.clone(),
         attempts: TaskTracker::new(),
         outcome_tx,
         recorder_stop: CancellationToken::new(),
@@ -154,6 +161,7 @@ struct Dispatcher {
     waiting: BTreeMap<(i64, u64), DeliveryTask>,
     seq: u64,
     permits: Arc<Semaphore>,
+    outbound: OutboundPolicy,
     attempts: TaskTracker,
     outcome_tx: mpsc::UnboundedSender<(DeliveryTask, Result<u16, http::AttemptError>)>,
     /// Tells the recorder that no more outcomes are worth waiting for: attempts still running
@@ -229,9 +237,10 @@ impl Dispatcher {
             let client = self.client.clone();
             let outcome_tx = self.outcome_tx.clone();
             let requeue = self.requeue.clone();
+            let outbound = self.outbound.clone();
             self.attempts.spawn(async move {
                 let _permit = permit;
-                attempt(store, client, task, outcome_tx, requeue).await;
+                attempt(store, client, outbound, task, outcome_tx, requeue).await;
             });
         }
         metrics::DELIVERIES_WAITING.set(self.waiting.len() as i64);
@@ -241,6 +250,7 @@ impl Dispatcher {
 async fn attempt(
     store: Store,
     client: reqwest::Client,
+    outbound: OutboundPolicy,
     mut task: DeliveryTask,
     outcome_tx: mpsc::UnboundedSender<(DeliveryTask, Result<u16, http::AttemptError>)>,
     requeue: DeliveryHandle,
@@ -262,6 +272,7 @@ async fn attempt(
     let Callback::Http(cb) = &target.callback;
     let result = http::send(
         &client,
+        &outbound,
         cb,
         &http::Attempt {
             job_id: &task.key.job_id,
