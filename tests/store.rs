@@ -79,6 +79,7 @@ store_suite!(
     history_is_pruned_but_pending_kept,
     migrations_are_idempotent,
     leases_fence_fires_to_one_node,
+    executions_list_by_status_across_jobs,
 );
 
 fn all_slots() -> Vec<u32> {
@@ -534,4 +535,54 @@ async fn leases_fence_fires_to_one_node(store: Store) {
         counts.iter().any(|(o, n)| o == "n3" && *n == 1),
         "{counts:?}"
     );
+}
+
+async fn executions_list_by_status_across_jobs(store: Store) {
+    let l = leased(&store, "n1").await;
+    for id in ["a", "b"] {
+        store.insert_job(&job(id, 0)).await.unwrap();
+    }
+    let fires = [fire("a", 10), fire("b", 10), fire("a", 20), fire("b", 30)];
+    store.record_fires("n1", &fires, &[], &l).await.unwrap();
+    let failed = |id: &str, at| {
+        (
+            ExecKey {
+                job_id: id.into(),
+                scheduled_at: at,
+            },
+            1,
+            Outcome::Failed {
+                error: "not retried: HTTP 404".into(),
+                status: Some(404),
+                request: "{}".into(),
+            },
+        )
+    };
+    store
+        .record_outcomes(&[failed("a", 10), failed("b", 10), failed("b", 30)])
+        .await
+        .unwrap();
+    let page = |after: Option<(i64, &'static str)>| {
+        let store = store.clone();
+        async move {
+            store
+                .list_executions_by_status(ExecStatus::Failed, after, 2)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.job_id, e.scheduled_at))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        page(None).await,
+        [("b".to_string(), 30), ("a".to_string(), 10)]
+    );
+    assert_eq!(page(Some((10, "a"))).await, [("b".to_string(), 10)]);
+    assert!(page(Some((10, "b"))).await.is_empty());
+    let pending = store
+        .list_executions_by_status(ExecStatus::Pending, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1, "a@20 is still pending");
 }

@@ -17,7 +17,7 @@ use super::extract::JsonBody;
 use super::{ApiError, ApiState};
 use crate::clock::{fmt_ms, now_ms};
 use crate::job::{self, Callback, Job, JobInput, RetryPolicy, StoredSpec, ValidJob};
-use crate::store::{ExecutionRecord, JobRecord, PutOutcome};
+use crate::store::{ExecStatus, ExecutionRecord, JobRecord, PutOutcome};
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -395,6 +395,71 @@ pub struct ExecQuery {
 #[derive(Serialize)]
 pub struct ExecList {
     executions: Vec<ExecutionView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusQuery {
+    status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/executions?status=failed`: every node answers from the shared database, so the
+/// list is cluster-wide without forwarding. The cursor is `<scheduled_at ms>:<job id>`.
+pub async fn executions_by_status(
+    State(state): State<ApiState>,
+    query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ExecList>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let raw = q.status.ok_or_else(|| {
+        job::FieldError::new(
+            "status",
+            "is required: pending, succeeded, failed or missed",
+        )
+    })?;
+    let status = ExecStatus::from_name(&raw).ok_or_else(|| {
+        job::FieldError::new(
+            "status",
+            format!("{raw:?} is not one of pending, succeeded, failed, missed"),
+        )
+    })?;
+    let limit = parse_limit(q.limit.as_deref(), DEFAULT_PAGE)?;
+    let cursor = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => {
+            let bad = || {
+                job::FieldError::new(
+                    "cursor",
+                    format!("{c:?} is not a cursor from a previous page"),
+                )
+            };
+            let (at, id) = c.split_once(':').ok_or_else(bad)?;
+            let at: i64 = at.parse().map_err(|_| bad())?;
+            job::validate_id("cursor", id)?;
+            Some((at, id.to_string()))
+        }
+    };
+    let list = state
+        .store
+        .list_executions_by_status(
+            status,
+            cursor.as_ref().map(|(a, i)| (*a, i.as_str())),
+            limit,
+        )
+        .await?;
+    let next_cursor = (list.len() == limit as usize)
+        .then(|| {
+            list.last()
+                .map(|e| format!("{}:{}", e.scheduled_at, e.job_id))
+        })
+        .flatten();
+    Ok(Json(ExecList {
+        executions: list.into_iter().map(ExecutionView::from).collect(),
+        next_cursor,
+    }))
 }
 
 pub async fn executions(
@@ -411,5 +476,6 @@ pub async fn executions(
     let list = state.store.list_executions(&id, limit).await?;
     Ok(Json(ExecList {
         executions: list.into_iter().map(ExecutionView::from).collect(),
+        next_cursor: None,
     }))
 }

@@ -118,6 +118,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/jobs/{id}/pause", post(jobs::pause))
         .route("/jobs/{id}/resume", post(jobs::resume))
         .route("/jobs/{id}/executions", get(jobs::executions))
+        .route("/executions", get(jobs::executions_by_status))
         .route("/cluster", get(system::cluster))
         .route("/schedule/preview", get(system::preview))
         .route_layer(middleware::from_fn_with_state(

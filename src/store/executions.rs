@@ -40,6 +40,11 @@ impl ExecStatus {
         }
     }
 
+    /// The status named `s`, if it is one.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::parse(s).ok()
+    }
+
     fn parse(s: &str) -> Result<Self, StoreError> {
         Ok(match s {
             "pending" => ExecStatus::Pending,
@@ -477,6 +482,34 @@ impl Store {
                  ORDER BY scheduled_at DESC LIMIT ?",
             )
             .bind(job_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(exec_from_row).collect()
+        })
+        .await
+    }
+
+    /// Executions of every job with `status`, newest first, after the keyset cursor
+    /// `(scheduled_at, job_id)` of the previous page's last row.
+    pub async fn list_executions_by_status(
+        &self,
+        status: ExecStatus,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<ExecutionRecord>, StoreError> {
+        self.timed(OP_TIMEOUT, async move {
+            let (at, id) = after.unwrap_or((i64::MAX, ""));
+            let rows = sqlx::query(
+                "SELECT job_id, scheduled_at, manual, fired_at, node, attempts, status, \
+                 next_attempt_at, last_error, response_status FROM executions WHERE status = ? \
+                 AND (scheduled_at < ? OR (scheduled_at = ? AND job_id > ?)) \
+                 ORDER BY scheduled_at DESC, job_id LIMIT ?",
+            )
+            .bind(status.as_str())
+            .bind(at)
+            .bind(at)
+            .bind(id.to_string())
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
