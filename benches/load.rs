@@ -258,6 +258,21 @@ async fn insert_jobs(
     Ok(())
 }
 
+/// `jobs` daily jobs over 1,000 distinct cron expressions (minute/hour combinations), none
+/// due today: the set-up of the memory and rebalance scenarios.
+async fn insert_daily_jobs(db: &str, jobs: usize) -> Res<()> {
+    let now = chrono::Utc::now().timestamp_millis();
+    insert_jobs(
+        db,
+        jobs,
+        "http://127.0.0.1:9/hook",
+        |i| format!("0 {} {} * * *", i % 60, (i / 60) % 17),
+        |_| now,
+        |_| now + 86_400_000,
+    )
+    .await
+}
+
 async fn registration(runs: usize, jobs: usize) -> Res<()> {
     println!("\n## registration: PUT /v1/jobs/{{id}} x {jobs}, 64 concurrent clients");
     println!("| run | jobs/s | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|");
@@ -331,17 +346,7 @@ async fn registration(runs: usize, jobs: usize) -> Res<()> {
 async fn memory(runs: usize, jobs: usize) -> Res<()> {
     println!("\n## memory and start-up: {jobs} registered jobs");
     let db = fresh_db("chime_bench_mem").await?;
-    let now = chrono::Utc::now().timestamp_millis();
-    // A realistic mix: 1,000 distinct cron expressions (minute/hour combinations), daily.
-    insert_jobs(
-        &db,
-        jobs,
-        "http://127.0.0.1:9/hook",
-        |i| format!("0 {} {} * * *", i % 60, (i / 60) % 17),
-        |_| now,
-        |_| now + 86_400_000,
-    )
-    .await?;
+    insert_daily_jobs(&db, jobs).await?;
     println!("| run | ready after s | RSS MiB |\n|---|---|---|");
     let (mut readies, mut rsss) = (vec![], vec![]);
     for run in 1..=runs {
@@ -475,16 +480,7 @@ async fn wait_converged(node: &Node, n: usize) -> Res<Duration> {
 async fn rebalance(runs: usize, jobs: usize) -> Res<()> {
     println!("\n## rebalance with {jobs} jobs (2 nodes + a third joining, then killed with -9)");
     let db = fresh_db("chime_bench_rebalance").await?;
-    let now = chrono::Utc::now().timestamp_millis();
-    insert_jobs(
-        &db,
-        jobs,
-        "http://127.0.0.1:9/hook",
-        |i| format!("0 {} {} * * *", i % 60, (i / 60) % 17),
-        |_| now,
-        |_| now + 86_400_000,
-    )
-    .await?;
+    insert_daily_jobs(&db, jobs).await?;
     let n1 = Node::start_as(&db, "n1", None).await?;
     let n2 = Node::start_as(&db, "n2", Some(&n1.gossip)).await?;
     wait_converged(&n1, 2).await?;

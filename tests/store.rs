@@ -197,7 +197,7 @@ async fn list_paginates_by_id(store: Store) {
     assert_eq!(page3.len(), 1);
     let mut seen = 0;
     store
-        .for_each_job(|_| {
+        .for_each_job_in(&all_slots(), |_| {
             seen += 1;
             Ok(())
         })

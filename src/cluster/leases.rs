@@ -18,6 +18,15 @@ impl Leases {
             .contains_key(&slot)
     }
 
+    /// The epochs of those of `slots` held now: what a batch of fires is fenced with.
+    pub fn epochs_of(&self, slots: impl IntoIterator<Item = u32>) -> HashMap<u32, i64> {
+        let held = self.held.read().expect("lease map lock");
+        slots
+            .into_iter()
+            .filter_map(|s| held.get(&s).map(|e| (s, *e)))
+            .collect()
+    }
+
     pub fn snapshot(&self) -> HashMap<u32, i64> {
         self.held.read().expect("lease map lock").clone()
     }

@@ -85,12 +85,15 @@ pub(crate) async fn send(
     cb: &HttpCallback,
     a: &Attempt<'_>,
 ) -> Result<u16, AttemptError> {
+    let url = reqwest::Url::parse(&cb.url)
+        .map_err(|e| AttemptError::Transport(format!("bad url {}: {e}", cb.url)))?;
     // Host names are checked by the client's resolver; IP literals never reach it.
-    if let Some(ip) = reqwest::Url::parse(&cb.url)
-        .ok()
-        .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
-        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
-    {
+    let literal = match url.host() {
+        Some(url::Host::Ipv4(ip)) => Some(ip.into()),
+        Some(url::Host::Ipv6(ip)) => Some(ip.into()),
+        _ => None,
+    };
+    if let Some(ip) = literal {
         outbound
             .check(ip)
             .map_err(|e| AttemptError::Refused(format!("refused: {e}")))?;
@@ -105,7 +108,7 @@ pub(crate) async fn send(
     })
     .map_err(|e| AttemptError::Transport(format!("cannot encode body: {e}")))?;
     let mut req = client
-        .request(cb.method.as_reqwest(), &cb.url)
+        .request(cb.method.as_reqwest(), url)
         .timeout(Duration::from_millis(cb.timeout_ms))
         .header("content-type", "application/json")
         .header(

@@ -282,7 +282,7 @@ impl Actor {
                     &self.node,
                     std::slice::from_ref(&fire),
                     &[],
-                    &self.leases.snapshot(),
+                    &self.leases.epochs_of([job.slot]),
                 )
                 .await?;
             if !recorded.lost_slots.is_empty() {
@@ -368,7 +368,7 @@ impl Actor {
         let progress: Vec<Progress> = progress.into_values().collect();
         let started = std::time::Instant::now();
         let recorded = loop {
-            let leases = self.leases.snapshot();
+            let leases = self.leases.epochs_of(fires.iter().map(|f| f.slot));
             match self
                 .store
                 .record_fires(&self.node, &fires, &progress, &leases)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError};
+use super::{AnyQuery, LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError, bind_slots, in_list};
 
 /// Rows per multi-row statement; keeps bind counts far below both backends' limits.
 const CHUNK: usize = 500;
@@ -174,11 +174,7 @@ pub struct Recorded {
     pub lost_slots: Vec<u32>,
 }
 
-fn bind_fire<'q>(
-    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
-    f: &NewFire,
-    node: &str,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+fn bind_fire<'q>(q: AnyQuery<'q>, f: &NewFire, node: &str) -> AnyQuery<'q> {
     q.bind(f.key.job_id.to_string())
         .bind(f.key.scheduled_at)
         .bind(i64::from(f.slot))
@@ -257,16 +253,14 @@ impl Store {
                     "SELECT slot, epoch FROM slot_leases WHERE owner = ? AND expires_at > {} \
                      AND slot IN ({}){}",
                     self.db_now(),
-                    vec!["?"; chunk.len()].join(", "),
+                    in_list(chunk.len()),
                     match self.dialect {
                         super::Dialect::MySql => " LOCK IN SHARE MODE",
                         super::Dialect::Sqlite => "",
                     }
                 ));
                 let mut q = sqlx::query(sql).bind(node.to_string());
-                for s in chunk {
-                    q = q.bind(i64::from(*s));
-                }
+                q = bind_slots(q, chunk);
                 for row in q.fetch_all(&mut *tx).await? {
                     let slot = row.try_get::<i64, _>("slot")? as u32;
                     let epoch: i64 = row.try_get("epoch")?;
@@ -297,7 +291,7 @@ impl Store {
                 .collect();
             for chunk in progress.chunks(CHUNK) {
                 let whens = vec!["WHEN ? THEN ?"; chunk.len()].join(" ");
-                let ids = vec!["?"; chunk.len()].join(", ");
+                let ids = in_list(chunk.len());
                 let sql = sqlx::AssertSqlSafe(format!(
                     "UPDATE jobs SET last_fire_at = {}(COALESCE(last_fire_at, 0), CASE id {whens} END), \
                      next_fire_at = CASE id {whens} END WHERE id IN ({ids})",
@@ -438,12 +432,10 @@ impl Store {
                      e.fired_at, e.request, j.spec FROM executions e \
                      LEFT JOIN jobs j ON j.id = e.job_id \
                      WHERE e.status = 'pending' AND e.slot IN ({})",
-                    vec!["?"; chunk.len()].join(", ")
+                    in_list(chunk.len())
                 ));
                 let mut q = sqlx::query(sql);
-                for s in chunk {
-                    q = q.bind(i64::from(*s));
-                }
+                q = bind_slots(q, chunk);
                 rows.extend(q.fetch_all(&self.pool).await?);
             }
             rows.iter()

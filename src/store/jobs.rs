@@ -4,7 +4,7 @@ use futures::TryStreamExt;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError};
+use super::{LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError, bind_slots, in_list};
 
 /// A job row. `spec` is the JSON of [`crate::job::StoredSpec`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,24 +188,6 @@ impl Store {
         .await
     }
 
-    /// Streams every job to `each`, in slot order (the order a cluster node loads slots in).
-    pub async fn for_each_job(
-        &self,
-        mut each: impl FnMut(JobRecord) -> Result<(), StoreError>,
-    ) -> Result<u64, StoreError> {
-        self.timed(LOAD_TIMEOUT, async move {
-            let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs"));
-            let mut rows = sqlx::query(sql).fetch(&self.pool);
-            let mut n = 0;
-            while let Some(row) = rows.try_next().await? {
-                each(from_row(&row)?)?;
-                n += 1;
-            }
-            Ok(n)
-        })
-        .await
-    }
-
     /// Streams the jobs of `slots` to `each` (a node loading the slots it gained).
     pub async fn for_each_job_in(
         &self,
@@ -217,12 +199,10 @@ impl Store {
             for chunk in slots.chunks(500) {
                 let sql = sqlx::AssertSqlSafe(format!(
                     "SELECT {COLUMNS} FROM jobs WHERE slot IN ({})",
-                    vec!["?"; chunk.len()].join(", ")
+                    in_list(chunk.len())
                 ));
                 let mut q = sqlx::query(sql);
-                for s in chunk {
-                    q = q.bind(i64::from(*s));
-                }
+                q = bind_slots(q, chunk);
                 let mut rows = q.fetch(&self.pool);
                 while let Some(row) = rows.try_next().await? {
                     each(from_row(&row)?)?;

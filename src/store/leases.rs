@@ -6,14 +6,10 @@ use std::collections::HashMap;
 
 use sqlx::Row;
 
-use super::{Dialect, LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError};
+use super::{Dialect, LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError, bind_slots, in_list};
 use crate::job::SLOTS;
 
 const CHUNK: usize = 500;
-
-fn in_list(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
 
 impl Store {
     /// The database's clock in unix ms, as an SQL expression.
@@ -35,9 +31,7 @@ impl Store {
                     vec!["(?)"; chunk.len()].join(", ")
                 ));
                 let mut q = sqlx::query(sql);
-                for s in chunk {
-                    q = q.bind(i64::from(*s));
-                }
+                q = bind_slots(q, chunk);
                 q.execute(&self.pool).await?;
             }
             Ok(())
@@ -63,9 +57,7 @@ impl Store {
                     in_list(chunk.len())
                 ));
                 let mut q = sqlx::query(sql).bind(node.to_string()).bind(ttl_ms);
-                for s in chunk {
-                    q = q.bind(i64::from(*s));
-                }
+                q = bind_slots(q, chunk);
                 q.bind(node.to_string()).execute(&self.pool).await?;
                 held.extend(self.held_among(node, chunk).await?);
             }
@@ -90,9 +82,7 @@ impl Store {
                     in_list(chunk.len())
                 ));
                 let mut q = sqlx::query(sql).bind(ttl_ms).bind(node.to_string());
-                for s in chunk {
-                    q = q.bind(i64::from(*s));
-                }
+                q = bind_slots(q, chunk);
                 q.execute(&self.pool).await?;
                 held.extend(self.held_among(node, chunk).await?);
             }
@@ -109,9 +99,7 @@ impl Store {
             in_list(slots.len())
         ));
         let mut q = sqlx::query(sql).bind(node.to_string());
-        for s in slots {
-            q = q.bind(i64::from(*s));
-        }
+        q = bind_slots(q, slots);
         let rows = q.fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| Ok((r.try_get::<i64, _>("slot")? as u32, r.try_get("epoch")?)))
@@ -127,9 +115,7 @@ impl Store {
                     in_list(chunk.len())
                 ));
                 let mut q = sqlx::query(sql).bind(node.to_string());
-                for s in chunk {
-                    q = q.bind(i64::from(*s));
-                }
+                q = bind_slots(q, chunk);
                 q.execute(&self.pool).await?;
             }
             Ok(())

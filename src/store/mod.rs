@@ -204,6 +204,21 @@ impl Store {
     }
 }
 
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// `?, ?, ?` for an `IN (…)` list of `n` values.
+fn in_list(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// Binds each slot of an `IN (…)` list.
+fn bind_slots<'q>(mut q: AnyQuery<'q>, slots: &[u32]) -> AnyQuery<'q> {
+    for s in slots {
+        q = q.bind(i64::from(*s));
+    }
+    q
+}
+
 /// `sqlite://chime.db` → `sqlite://chime.db?mode=rwc`: without `mode=rwc` a missing file is an
 /// error instead of a new database.
 fn sqlite_url(rest: &str) -> String {
