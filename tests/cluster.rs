@@ -33,7 +33,11 @@ async fn start_node(db: &Db, id: &str, seed: Option<&Chime>, extra: &[&str]) -> 
 
 /// Waits until every node sees `n` ready members and the leases match the ring.
 async fn wait_converged(nodes: &[&Chime], n: usize) {
-    let ok = wait_until(Duration::from_secs(30), async || {
+    wait_converged_within(nodes, n, Duration::from_secs(30)).await
+}
+
+async fn wait_converged_within(nodes: &[&Chime], n: usize, limit: Duration) {
+    let ok = wait_until(limit, async || {
         for node in nodes {
             let c = node.get("/v1/cluster").await;
             if c.status != 200 {
@@ -383,8 +387,11 @@ async fn a_node_that_loses_the_database_neither_double_fires_nor_loses_fires() {
     proxy.set_cut(true);
     tokio::time::sleep(Duration::from_secs(12)).await;
     proxy.set_cut(false);
-    // Back: n1 rejoins and takes its share again.
-    wait_converged(&[&n1, &n2], 2).await;
+    // Back: n1 rejoins and takes its share again. Under parallel test load this took more
+    // than 30 s in about one run in ten (not yet diagnosed: likely frozen pool connections
+    // each running into the 5 s store deadline before being replaced); no contract bound
+    // applies to it, the assertions below are what the test is about.
+    wait_converged_within(&[&n1, &n2], 2, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let until = now_ms() - 3_000;
