@@ -36,6 +36,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Callbacks in flight at once on this node.
     pub delivery_concurrency: usize,
+    /// Callbacks in flight at once to one target (scheme and host:port, or Consul service),
+    /// so one slow downstream cannot take every slot.
+    pub delivery_per_target_concurrency: usize,
     /// How long SIGTERM waits for in-flight callbacks before leaving them to the retry queue.
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
@@ -59,6 +62,7 @@ pub const DEFAULT_HISTORY_KEEP: u32 = 100;
 pub const DEFAULT_HISTORY_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_DELIVERY_CONCURRENCY: usize = 4096;
+pub const DEFAULT_DELIVERY_PER_TARGET_CONCURRENCY: usize = 256;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Flags of `chime serve`; each one is also read from `CHIME_<NAME>`.
@@ -109,6 +113,9 @@ pub struct ServeArgs {
     /// Callbacks in flight at once [default: 4096]
     #[arg(long, env = "CHIME_DELIVERY_CONCURRENCY")]
     pub delivery_concurrency: Option<usize>,
+    /// Callbacks in flight at once to one target host or Consul service [default: 256]
+    #[arg(long, env = "CHIME_DELIVERY_PER_TARGET_CONCURRENCY")]
+    pub delivery_per_target_concurrency: Option<usize>,
     /// Time SIGTERM waits for in-flight callbacks, e.g. 10s [default: 10s]
     #[arg(long, env = "CHIME_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<String>,
@@ -142,6 +149,7 @@ struct FileConfig {
     history_max_age: Option<String>,
     max_body_bytes: Option<usize>,
     delivery_concurrency: Option<usize>,
+    delivery_per_target_concurrency: Option<usize>,
     shutdown_grace: Option<String>,
     log_format: Option<LogFormat>,
     outbound_allow: Option<Vec<String>>,
@@ -243,6 +251,20 @@ impl ServeArgs {
         if delivery_concurrency == 0 {
             return Err(invalid("delivery_concurrency", "must be at least 1"));
         }
+        let delivery_per_target_concurrency = self
+            .delivery_per_target_concurrency
+            .or(file.delivery_per_target_concurrency)
+            .unwrap_or(DEFAULT_DELIVERY_PER_TARGET_CONCURRENCY);
+        if delivery_per_target_concurrency == 0 {
+            return Err(invalid(
+                "delivery_per_target_concurrency",
+                "must be at least 1",
+            ));
+        }
+        let consul_addr = match self.consul_addr.or(file.consul_addr) {
+            None => None,
+            Some(raw) => Some(consul_address(&raw).map_err(|m| invalid("consul_addr", m))?),
+        };
         let outbound = OutboundPolicy::new(
             &self
                 .outbound_allow
@@ -265,7 +287,7 @@ impl ServeArgs {
                 .or(file.cluster_id)
                 .unwrap_or_else(|| DEFAULT_CLUSTER_ID.into()),
             database_url,
-            consul_addr: self.consul_addr.or(file.consul_addr),
+            consul_addr,
             api_token,
             catchup_window: duration_or(
                 "catchup_window",
@@ -280,6 +302,7 @@ impl ServeArgs {
             )?,
             max_body_bytes,
             delivery_concurrency,
+            delivery_per_target_concurrency,
             shutdown_grace: duration_or(
                 "shutdown_grace",
                 self.shutdown_grace.or(file.shutdown_grace),
@@ -292,6 +315,21 @@ impl ServeArgs {
             outbound,
         })
     }
+}
+
+/// `http://host:port` or `https://host:port` of a Consul agent, without a trailing slash.
+fn consul_address(raw: &str) -> Result<String, String> {
+    let url = url::Url::parse(raw)
+        .map_err(|e| format!("{raw:?} is not a URL ({e}); use e.g. http://127.0.0.1:8500"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "{raw:?} must be an http:// or https:// address, e.g. http://127.0.0.1:8500"
+        ));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() {
+        return Err(format!("{raw:?} must not have a path or query"));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

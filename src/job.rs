@@ -154,6 +154,48 @@ pub struct Target {
 #[serde(rename_all = "lowercase")]
 pub enum Callback {
     Http(HttpCallback),
+    Grpc(GrpcCallback),
+}
+
+impl Callback {
+    pub fn timeout_ms(&self) -> u64 {
+        match self {
+            Callback::Http(h) => h.timeout_ms,
+            Callback::Grpc(g) => g.timeout_ms,
+        }
+    }
+}
+
+/// A gRPC callback: `CallbackService/Fire` at `target` (`http://host:port`,
+/// `https://host:port` or `consul://<service>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrpcCallback {
+    pub target: String,
+    pub timeout_ms: u64,
+}
+
+/// What a callback target may be, from the node's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct TargetRules {
+    pub outbound: OutboundPolicy,
+    /// `consul://` targets need a Consul agent to resolve them.
+    pub consul: bool,
+}
+
+/// Consul service names: DNS labels (Consul warns about anything else), at most 255 bytes.
+pub fn validate_consul_service(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("the consul service name must be 1-255 characters".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_' || *c == '.'))
+    {
+        return Err(format!(
+            "character {c:?} is not allowed in a consul service name; use A-Z a-z 0-9 - _ ."
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -276,7 +318,7 @@ impl JobInput {
         path_id: Option<&str>,
         generated_id: impl FnOnce() -> String,
         now_ms: i64,
-        outbound: &OutboundPolicy,
+        rules: &TargetRules,
     ) -> Result<ValidJob, FieldError> {
         let id = match (path_id, self.id) {
             (Some(p), Some(b)) if p != b => {
@@ -310,8 +352,8 @@ impl JobInput {
 
         let callback = validate_callback(
             self.callback
-                .ok_or_else(|| FieldError::new("callback", "is required (http)"))?,
-            outbound,
+                .ok_or_else(|| FieldError::new("callback", "is required (http or grpc)"))?,
+            rules,
         )?;
         let retry = validate_retry(self.retry)?;
         let secret = match self.secret {
@@ -343,10 +385,7 @@ impl JobInput {
     }
 }
 
-fn validate_callback(
-    input: CallbackInput,
-    outbound: &OutboundPolicy,
-) -> Result<Callback, FieldError> {
+fn validate_callback(input: CallbackInput, rules: &TargetRules) -> Result<Callback, FieldError> {
     match (input.http, input.grpc) {
         (Some(_), Some(_)) => Err(FieldError::new(
             "callback",
@@ -356,44 +395,94 @@ fn validate_callback(
             "callback",
             "give exactly one of http or grpc",
         )),
-        (None, Some(_)) => Err(FieldError::new(
-            "callback.grpc",
-            "gRPC callbacks are not available in this version yet; use http",
-        )),
-        (Some(http), None) => validate_http(http, outbound).map(Callback::Http),
+        (None, Some(grpc)) => validate_grpc(grpc, rules).map(Callback::Grpc),
+        (Some(http), None) => validate_http(http, rules).map(Callback::Http),
     }
 }
 
-fn validate_http(input: HttpInput, outbound: &OutboundPolicy) -> Result<HttpCallback, FieldError> {
-    let raw = input
-        .url
-        .ok_or_else(|| FieldError::new("callback.http.url", "is required"))?;
-    let url = reqwest::Url::parse(&raw)
-        .map_err(|e| FieldError::new("callback.http.url", format!("{raw:?} is not a URL: {e}")))?;
+/// Checks a target URL's scheme and host; `consul://` needs Consul configured and a valid
+/// service name in the host position.
+fn validate_target_url(
+    field: &str,
+    raw: &str,
+    rules: &TargetRules,
+) -> Result<reqwest::Url, FieldError> {
+    let url = reqwest::Url::parse(raw)
+        .map_err(|e| FieldError::new(field, format!("{raw:?} is not a URL: {e}")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(FieldError::new(
+            field,
+            "credentials in the URL are not allowed; use headers",
+        ));
+    }
     match url.scheme() {
         "http" | "https" => {}
         "consul" => {
-            return Err(FieldError::new(
-                "callback.http.url",
-                "consul:// targets are not available in this version yet",
-            ));
+            if !rules.consul {
+                return Err(FieldError::new(
+                    field,
+                    "consul:// targets need Consul: start chime with --consul-addr",
+                ));
+            }
+            if url.port().is_some() {
+                return Err(FieldError::new(
+                    field,
+                    "a consul:// target takes no port: the instances' ports come from Consul",
+                ));
+            }
+            let service = url.host_str().unwrap_or_default();
+            validate_consul_service(service).map_err(|e| FieldError::new(field, e))?;
+            return Ok(url);
         }
         other => {
             return Err(FieldError::new(
-                "callback.http.url",
-                format!("scheme {other:?} is not supported; use http or https"),
+                field,
+                format!("scheme {other:?} is not supported; use http, https or consul"),
             ));
         }
     }
     match url.host() {
-        None => return Err(FieldError::new("callback.http.url", "has no host")),
-        Some(url::Host::Ipv4(ip)) => check_ip(outbound, ip.into())?,
-        Some(url::Host::Ipv6(ip)) => check_ip(outbound, ip.into())?,
-        Some(url::Host::Domain("")) => {
-            return Err(FieldError::new("callback.http.url", "has no host"));
-        }
-        Some(url::Host::Domain(_)) => {}
+        None | Some(url::Host::Domain("")) => Err(FieldError::new(field, "has no host")),
+        Some(url::Host::Ipv4(ip)) => check_ip(field, &rules.outbound, ip.into()).map(|_| url),
+        Some(url::Host::Ipv6(ip)) => check_ip(field, &rules.outbound, ip.into()).map(|_| url),
+        Some(url::Host::Domain(_)) => Ok(url),
     }
+}
+
+fn validate_grpc(input: GrpcInput, rules: &TargetRules) -> Result<GrpcCallback, FieldError> {
+    const FIELD: &str = "callback.grpc.target";
+    let raw = input
+        .target
+        .ok_or_else(|| FieldError::new(FIELD, "is required, e.g. http://host:50051"))?;
+    let url = validate_target_url(FIELD, &raw, rules)?;
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err(FieldError::new(
+            FIELD,
+            "takes no path or query: the method is always /chime.v1.CallbackService/Fire",
+        ));
+    }
+    let timeout_ms = bounded(
+        "callback.grpc.timeout_ms",
+        input.timeout_ms,
+        DEFAULT_TIMEOUT_MS,
+        1,
+        MAX_TIMEOUT_MS,
+    )?;
+    // Stored without the trailing slash the URL parser adds: "http://h:1", "consul://svc".
+    let target = format!(
+        "{}://{}{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.port().map(|p| format!(":{p}")).unwrap_or_default()
+    );
+    Ok(GrpcCallback { target, timeout_ms })
+}
+
+fn validate_http(input: HttpInput, rules: &TargetRules) -> Result<HttpCallback, FieldError> {
+    let raw = input
+        .url
+        .ok_or_else(|| FieldError::new("callback.http.url", "is required"))?;
+    let url = validate_target_url("callback.http.url", &raw, rules)?;
     let raw_method = input.method.unwrap_or_else(|| "POST".into()).to_uppercase();
     let method = HttpMethod::parse(&raw_method).ok_or_else(|| {
         FieldError::new(
@@ -441,10 +530,12 @@ fn validate_http(input: HttpInput, outbound: &OutboundPolicy) -> Result<HttpCall
     })
 }
 
-fn check_ip(outbound: &OutboundPolicy, ip: std::net::IpAddr) -> Result<(), FieldError> {
-    outbound
-        .check(ip)
-        .map_err(|e| FieldError::new("callback.http.url", e))
+fn check_ip(
+    field: &str,
+    outbound: &OutboundPolicy,
+    ip: std::net::IpAddr,
+) -> Result<(), FieldError> {
+    outbound.check(ip).map_err(|e| FieldError::new(field, e))
 }
 
 fn validate_retry(input: Option<RetryInput>) -> Result<RetryPolicy, FieldError> {
@@ -601,14 +692,11 @@ mod tests {
     #[test]
     fn minimal_job_gets_defaults() {
         let j = input(r#"{"schedule":"*/5 * * * *","callback":{"http":{"url":"http://h:1/x"}}}"#)
-            .validate(
-                Some("a"),
-                || unreachable!(),
-                NOW,
-                &OutboundPolicy::default(),
-            )
+            .validate(Some("a"), || unreachable!(), NOW, &TargetRules::default())
             .unwrap();
-        let Callback::Http(h) = &j.spec.callback;
+        let Callback::Http(h) = &j.spec.callback else {
+            panic!("an http callback")
+        };
         assert_eq!(h.method, HttpMethod::Post);
         assert_eq!(h.timeout_ms, DEFAULT_TIMEOUT_MS);
         assert_eq!(j.spec.retry, RetryPolicy::default());
@@ -680,15 +768,104 @@ mod tests {
         ];
         for (body, field) in cases {
             let err = input(body)
-                .validate(
-                    Some("a"),
-                    || unreachable!(),
-                    NOW,
-                    &OutboundPolicy::default(),
-                )
+                .validate(Some("a"), || unreachable!(), NOW, &TargetRules::default())
                 .unwrap_err();
             assert_eq!(err.field, field, "{body} -> {err}");
         }
+    }
+
+    #[test]
+    fn grpc_and_consul_targets() {
+        let with_consul = TargetRules {
+            consul: true,
+            ..TargetRules::default()
+        };
+        let ok = |json: &str, rules: &TargetRules| {
+            input(json)
+                .validate(Some("a"), || unreachable!(), NOW, rules)
+                .map(|j| j.spec.callback)
+        };
+        let Ok(Callback::Grpc(g)) = ok(
+            r#"{"schedule":"@hourly","callback":{"grpc":{"target":"http://h:50051/","timeout_ms":500}}}"#,
+            &TargetRules::default(),
+        ) else {
+            panic!("a grpc callback")
+        };
+        assert_eq!((g.target.as_str(), g.timeout_ms), ("http://h:50051", 500));
+        let Ok(Callback::Grpc(g)) = ok(
+            r#"{"schedule":"@hourly","callback":{"grpc":{"target":"consul://billing"}}}"#,
+            &with_consul,
+        ) else {
+            panic!("a grpc callback")
+        };
+        assert_eq!(g.target, "consul://billing");
+        let Ok(Callback::Http(h)) = ok(
+            r#"{"schedule":"@hourly","callback":{"http":{"url":"consul://web-api/hooks/scale?x=1"}}}"#,
+            &with_consul,
+        ) else {
+            panic!("an http callback")
+        };
+        assert_eq!(h.url, "consul://web-api/hooks/scale?x=1");
+
+        let cases = [
+            (r#"{"grpc":{}}"#, "callback.grpc.target", &with_consul),
+            (
+                r#"{"grpc":{"target":"http://h:1/chime.v1.CallbackService/Fire"}}"#,
+                "callback.grpc.target",
+                &with_consul,
+            ),
+            (
+                r#"{"grpc":{"target":"h:1"}}"#,
+                "callback.grpc.target",
+                &with_consul,
+            ),
+            (
+                r#"{"grpc":{"target":"http://169.254.169.254:80"}}"#,
+                "callback.grpc.target",
+                &with_consul,
+            ),
+            (
+                r#"{"grpc":{"target":"http://h:1","timeout_ms":0}}"#,
+                "callback.grpc.timeout_ms",
+                &with_consul,
+            ),
+            (
+                r#"{"http":{"url":"consul://web/x"}}"#,
+                "callback.http.url",
+                &TargetRules::default(),
+            ),
+            (
+                r#"{"http":{"url":"consul://we b/x"}}"#,
+                "callback.http.url",
+                &with_consul,
+            ),
+            (
+                r#"{"http":{"url":"consul://web:80/x"}}"#,
+                "callback.http.url",
+                &with_consul,
+            ),
+            (
+                r#"{"http":{"url":"consul:///x"}}"#,
+                "callback.http.url",
+                &with_consul,
+            ),
+            (
+                r#"{"http":{"url":"http://u:p@h/x"}}"#,
+                "callback.http.url",
+                &with_consul,
+            ),
+        ];
+        for (cb, field, rules) in cases {
+            let body = format!(r#"{{"schedule":"@hourly","callback":{cb}}}"#);
+            let err = ok(&body, rules).unwrap_err();
+            assert_eq!(err.field, field, "{body} -> {err}");
+        }
+        let err = ok(
+            r#"{"schedule":"@hourly","callback":{"http":{"url":"consul://web/x"}}}"#,
+            &TargetRules::default(),
+        )
+        .unwrap_err();
+        assert!(err.reason.contains("--consul-addr"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,12 @@ pub mod delivery;
 pub mod job;
 pub mod metrics;
 pub mod node;
+/// The gRPC callback contract, generated from `proto/chime/v1/callback.proto` at build time.
+/// The server half is public so receivers (and chime's own tests) can implement it.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("chime.v1");
+}
 pub mod schedule;
 pub mod scheduler;
 pub mod store;

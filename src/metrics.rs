@@ -127,6 +127,14 @@ pub static DELIVERIES_WAITING: Gauge = Gauge::new(
     "chime_deliveries_waiting",
     "Delivery attempts queued in memory (mostly waiting for a retry).",
 );
+pub static DELIVERIES_DEFERRED: Counter = Counter::new(
+    "chime_deliveries_deferred_total",
+    "Deliveries held back, unsent and uncharged, because their target's circuit was open.",
+);
+pub static OPEN_CIRCUITS: Gauge = Gauge::new(
+    "chime_open_circuits",
+    "Targets whose circuit breaker is open or probing (checked every minute).",
+);
 pub static DELIVERIES: LabeledCounter<3> = LabeledCounter {
     name: "chime_delivery_attempts_total",
     help: "Callback attempts by outcome.",
@@ -160,6 +168,7 @@ pub fn render() -> String {
         &FIRES_FENCED,
         &FIRES_MISSED,
         &STORE_ERRORS,
+        &DELIVERIES_DEFERRED,
     ] {
         let _ = writeln!(
             out,
@@ -171,7 +180,7 @@ pub fn render() -> String {
             c.get()
         );
     }
-    for g in [&JOBS_LOADED, &DELIVERIES_WAITING] {
+    for g in [&JOBS_LOADED, &DELIVERIES_WAITING, &OPEN_CIRCUITS] {
         let _ = writeln!(
             out,
             "# HELP {} {}\n# TYPE {} gauge\n{} {}",

@@ -30,6 +30,8 @@ pub enum NodeError {
     Database { url: String, source: StoreError },
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Delivery(#[from] delivery::DeliveryError),
     #[error("http server failed: {0}")]
     Http(std::io::Error),
 }
@@ -54,14 +56,16 @@ pub async fn serve(
     let delivery = delivery::spawn(
         delivery::DeliveryConfig {
             concurrency: config.delivery_concurrency,
+            per_target_concurrency: config.delivery_per_target_concurrency,
             outbound: config.outbound.clone(),
+            consul_addr: config.consul_addr.clone(),
             shutdown_grace: config.shutdown_grace,
         },
         store.clone(),
         leases.clone(),
         cancel.child_token(),
         &tasks,
-    );
+    )?;
     let (lost_tx, lost_rx) = tokio::sync::mpsc::unbounded_channel();
     let scheduler = scheduler::spawn(
         SchedulerConfig {
@@ -104,10 +108,14 @@ pub async fn serve(
             node_id: config.node_id.clone(),
             api_token: config.api_token.clone(),
             max_body_bytes: config.max_body_bytes,
-            outbound: config.outbound.clone(),
+            rules: crate::job::TargetRules {
+                outbound: config.outbound.clone(),
+                consul: config.consul_addr.is_some(),
+            },
         },
         store.clone(),
         scheduler.clone(),
+        delivery.clone(),
         cluster.clone(),
         leases.clone(),
     );

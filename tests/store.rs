@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chime::store::{
-    ExecKey, ExecStatus, JobRecord, NewFire, Outcome, Progress, PutOutcome, Store, StoreError,
+    ExecKey, ExecStatus, JobRecord, NewFire, Outcome, Progress, PutOutcome, Redrive, Store,
+    StoreError,
 };
 
 static DB_SEQ: AtomicU32 = AtomicU32::new(0);
@@ -80,6 +81,7 @@ store_suite!(
     migrations_are_idempotent,
     leases_fence_fires_to_one_node,
     executions_list_by_status_across_jobs,
+    a_dead_letter_is_redriven_with_a_fresh_budget,
 );
 
 fn all_slots() -> Vec<u32> {
@@ -585,4 +587,67 @@ async fn executions_list_by_status_across_jobs(store: Store) {
         .await
         .unwrap();
     assert_eq!(pending.len(), 1, "a@20 is still pending");
+}
+
+async fn a_dead_letter_is_redriven_with_a_fresh_budget(store: Store) {
+    let l = leased(&store, "n1").await;
+    store.insert_job(&job("d", 0)).await.unwrap();
+    store
+        .record_fires("n1", &[fire("d", 10), fire("d", 20)], &[], &l)
+        .await
+        .unwrap();
+    let key = |at| ExecKey {
+        job_id: "d".into(),
+        scheduled_at: at,
+    };
+    assert!(store.begin_attempt(&key(10), 2).await.unwrap());
+    store
+        .record_outcomes(&[(
+            key(10),
+            2,
+            Outcome::Failed {
+                error: "gave up after 2 attempts: HTTP 500".into(),
+                status: Some(500),
+                request: r#"{"old":"snapshot"}"#.into(),
+            },
+        )])
+        .await
+        .unwrap();
+
+    // Only a failed delivery can be re-driven.
+    assert!(matches!(
+        store.redrive(&key(20), 5, 1000).await.unwrap(),
+        Redrive::NotFailed(ExecStatus::Pending)
+    ));
+    assert!(matches!(
+        store.redrive(&key(99), 5, 1000).await.unwrap(),
+        Redrive::NotFound
+    ));
+    let Redrive::Redriven(p) = store.redrive(&key(10), 5, 1000).await.unwrap() else {
+        panic!("a failed delivery is re-driven")
+    };
+    assert_eq!(
+        (p.attempts, p.attempt_limit, p.next_attempt_at),
+        (2, Some(7), 1000)
+    );
+    assert!(
+        p.request.is_empty(),
+        "sent with the job's current definition"
+    );
+    assert!(p.job_spec.is_some());
+    let e = &store.list_executions("d", 10).await.unwrap()[1];
+    assert_eq!((e.scheduled_at, e.status), (10, ExecStatus::Pending));
+    // A second re-drive of the same delivery is refused while it is pending.
+    assert!(matches!(
+        store.redrive(&key(10), 5, 1000).await.unwrap(),
+        Redrive::NotFailed(ExecStatus::Pending)
+    ));
+    // The budget survives a restart: the pending row carries it.
+    let pending = store.load_pending(&all_slots()).await.unwrap();
+    let p = pending.iter().find(|p| p.key == key(10)).unwrap();
+    assert_eq!(p.attempt_limit, Some(7));
+    let fresh = pending.iter().find(|p| p.key == key(20)).unwrap();
+    assert_eq!(fresh.attempt_limit, None);
+    // Attempt numbers go on from where they stopped.
+    assert!(store.begin_attempt(&key(10), 3).await.unwrap());
 }

@@ -17,7 +17,7 @@ use super::extract::JsonBody;
 use super::{ApiError, ApiState};
 use crate::clock::{fmt_ms, now_ms};
 use crate::job::{self, Callback, Job, JobInput, RetryPolicy, StoredSpec, ValidJob};
-use crate::store::{ExecStatus, ExecutionRecord, JobRecord, PutOutcome};
+use crate::store::{ExecKey, ExecStatus, ExecutionRecord, JobRecord, PutOutcome, Redrive};
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -135,7 +135,7 @@ pub async fn put(
 ) -> Result<Response, ApiError> {
     check_path_id(&id)?;
     let now = now_ms();
-    let valid = input.validate(Some(&id), job::generate_id, now, &state.outbound)?;
+    let valid = input.validate(Some(&id), job::generate_id, now, &state.rules)?;
     let (rec, job) = record_of(&valid, now)?;
     state.require_lease(&id)?;
     let _guard = state.lock(&id).await;
@@ -168,7 +168,7 @@ pub async fn create(
     JsonBody(input): JsonBody<JobInput>,
 ) -> Result<Response, ApiError> {
     let now = now_ms();
-    let valid = input.validate(None, || owned_id(&state), now, &state.outbound)?;
+    let valid = input.validate(None, || owned_id(&state), now, &state.rules)?;
     let (rec, job) = record_of(&valid, now)?;
     state.require_lease(&rec.id)?;
     let _guard = state.lock(&rec.id).await;
@@ -478,4 +478,76 @@ pub async fn executions(
         executions: list.into_iter().map(ExecutionView::from).collect(),
         next_cursor: None,
     }))
+}
+
+#[derive(Serialize)]
+struct RedriveView {
+    job_id: String,
+    execution_id: String,
+    scheduled_at: String,
+    status: &'static str,
+    attempts: u32,
+    /// The last attempt this delivery may now make.
+    attempt_limit: u32,
+    next_attempt_at: String,
+}
+
+/// `POST /v1/jobs/{id}/executions/{execution_id}/retry`: re-drives a dead letter.
+pub async fn retry_execution(
+    State(state): State<ApiState>,
+    Path((id, execution_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_path_id(&id)?;
+    let scheduled_at = execution_id
+        .parse::<i64>()
+        .ok()
+        .filter(|v| *v >= 0)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "execution id {execution_id:?} is not valid: it is the scheduled time in unix \
+                 milliseconds, as listed by GET /v1/jobs/{id}/executions"
+            ))
+        })?;
+    state.require_lease(&id)?;
+    let _guard = state.lock(&id).await;
+    let rec = state
+        .store
+        .get_job(&id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    let job = stored_job(&rec)?;
+    let key = ExecKey {
+        job_id: id.as_str().into(),
+        scheduled_at,
+    };
+    match state
+        .store
+        .redrive(&key, job.target.retry.max_attempts, now_ms())
+        .await?
+    {
+        Redrive::Redriven(pending) => {
+            let view = RedriveView {
+                job_id: id.clone(),
+                execution_id: scheduled_at.to_string(),
+                scheduled_at: fmt_ms(scheduled_at),
+                status: ExecStatus::Pending.as_str(),
+                attempts: pending.attempts,
+                attempt_limit: pending
+                    .attempt_limit
+                    .unwrap_or(job.target.retry.max_attempts),
+                next_attempt_at: fmt_ms(pending.next_attempt_at),
+            };
+            state
+                .delivery
+                .submit(crate::delivery::resume_tasks(vec![pending]));
+            Ok((StatusCode::ACCEPTED, Json(view)).into_response())
+        }
+        Redrive::NotFound => Err(ApiError::NotFound(format!(
+            "job {id:?} has no execution {execution_id} (pruned, or never scheduled)"
+        ))),
+        Redrive::NotFailed(status) => Err(ApiError::Conflict(format!(
+            "execution {execution_id} of job {id:?} is {}; only failed deliveries can be retried",
+            status.as_str()
+        ))),
+    }
 }

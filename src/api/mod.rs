@@ -34,12 +34,14 @@ pub struct ApiState {
     node_id: Arc<str>,
     store: Store,
     scheduler: SchedulerHandle,
+    /// For re-driven dead letters (everything else reaches delivery through the scheduler).
+    delivery: crate::delivery::DeliveryHandle,
     cluster: Cluster,
     leases: Arc<Leases>,
     /// Client for forwarding requests to other nodes.
     forwarder: reqwest::Client,
     max_body_bytes: usize,
-    outbound: crate::delivery::OutboundPolicy,
+    rules: crate::job::TargetRules,
     api_token: Option<Arc<str>>,
     ready: Arc<AtomicBool>,
     locks: Arc<[tokio::sync::Mutex<()>]>,
@@ -49,7 +51,7 @@ pub struct ApiConfig {
     pub node_id: String,
     pub api_token: Option<String>,
     pub max_body_bytes: usize,
-    pub outbound: crate::delivery::OutboundPolicy,
+    pub rules: crate::job::TargetRules,
 }
 
 impl ApiState {
@@ -57,6 +59,7 @@ impl ApiState {
         config: ApiConfig,
         store: Store,
         scheduler: SchedulerHandle,
+        delivery: crate::delivery::DeliveryHandle,
         cluster: Cluster,
         leases: Arc<Leases>,
     ) -> Self {
@@ -64,6 +67,7 @@ impl ApiState {
             node_id: config.node_id.into(),
             store,
             scheduler,
+            delivery,
             cluster,
             leases,
             forwarder: reqwest::Client::builder()
@@ -72,7 +76,7 @@ impl ApiState {
                 .build()
                 .expect("a client with static settings builds"),
             max_body_bytes: config.max_body_bytes,
-            outbound: config.outbound,
+            rules: config.rules,
             api_token: config.api_token.map(Into::into),
             ready: Arc::new(AtomicBool::new(false)),
             locks: (0..LOCK_STRIPES).map(|_| Default::default()).collect(),
@@ -118,6 +122,10 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/jobs/{id}/pause", post(jobs::pause))
         .route("/jobs/{id}/resume", post(jobs::resume))
         .route("/jobs/{id}/executions", get(jobs::executions))
+        .route(
+            "/jobs/{id}/executions/{execution_id}/retry",
+            post(jobs::retry_execution),
+        )
         .route("/executions", get(jobs::executions_by_status))
         .route("/cluster", get(system::cluster))
         .route("/schedule/preview", get(system::preview))

@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 use sha2::Sha256;
 
 use super::OutboundPolicy;
+use super::error::AttemptError;
 use crate::clock::fmt_ms;
 use crate::job::HttpCallback;
 
@@ -32,61 +33,14 @@ pub(crate) struct Attempt<'a> {
     pub secret: Option<&'a str>,
 }
 
-/// Why an attempt did not succeed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum AttemptError {
-    #[error("HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
-    Status {
-        status: u16,
-        retry_after: Option<Duration>,
-        body: String,
-    },
-    #[error("timed out after {0} ms")]
-    Timeout(u64),
-    /// The destination is refused by the outbound policy: never retried.
-    #[error("{0}")]
-    Refused(String),
-    #[error("{0}")]
-    Transport(String),
-}
-
-impl AttemptError {
-    /// 5xx, 408, 429, timeouts and connection errors are worth another attempt; other
-    /// statuses mean the receiver rejected the request and repeating it will not help.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            AttemptError::Status { status, .. } => {
-                *status >= 500 || *status == 408 || *status == 429
-            }
-            AttemptError::Timeout(_) | AttemptError::Transport(_) => true,
-            AttemptError::Refused(_) => false,
-        }
-    }
-
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            AttemptError::Status { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            AttemptError::Status { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
-
 /// Sends one attempt; `Ok(status)` for a 2xx.
 pub(crate) async fn send(
     client: &reqwest::Client,
     outbound: &OutboundPolicy,
     cb: &HttpCallback,
+    url: reqwest::Url,
     a: &Attempt<'_>,
 ) -> Result<u16, AttemptError> {
-    let url = reqwest::Url::parse(&cb.url)
-        .map_err(|e| AttemptError::Transport(format!("bad url {}: {e}", cb.url)))?;
     // Host names are checked by the client's resolver; IP literals never reach it.
     let literal = match url.host() {
         Some(url::Host::Ipv4(ip)) => Some(ip.into()),
@@ -196,7 +150,11 @@ fn classify(e: reqwest::Error, timeout_ms: u64) -> AttemptError {
         msg.push_str(&s.to_string());
         source = s.source();
     }
-    AttemptError::Transport(msg)
+    if e.is_connect() {
+        AttemptError::Connect(msg)
+    } else {
+        AttemptError::Transport(msg)
+    }
 }
 
 #[cfg(test)]
@@ -210,22 +168,5 @@ mod tests {
             sign("k", "1700000000", b"{}"),
             "sha256=c6ef4734033cee2367414a0939385eca0397754aa7a59716da7463a9298b5146"
         );
-    }
-
-    #[test]
-    fn classification_follows_the_contract() {
-        let st = |status| AttemptError::Status {
-            status,
-            retry_after: None,
-            body: String::new(),
-        };
-        for s in [500, 502, 503, 408, 429] {
-            assert!(st(s).is_retryable(), "{s}");
-        }
-        for s in [400, 401, 404, 410, 422] {
-            assert!(!st(s).is_retryable(), "{s}");
-        }
-        assert!(AttemptError::Timeout(5).is_retryable());
-        assert!(AttemptError::Transport("refused".into()).is_retryable());
     }
 }

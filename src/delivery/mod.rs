@@ -1,15 +1,24 @@
 //! Delivers fires as callbacks, retrying until delivered or out of attempts.
 //!
 //! - The dispatcher task keeps deliveries waiting for a retry in one ordered set and starts
-//!   each attempt as its own task, at most `concurrency` at a time, on one shared keep-alive
-//!   HTTP client.
+//!   each attempt as its own task. An attempt first takes a permit of its target (see
+//!   [`limits`]: per-target concurrency and a circuit breaker), then one of the node's
+//!   `concurrency`, so a slow downstream holds up only its own deliveries.
+//! - HTTP goes through one shared keep-alive client, gRPC through one channel per
+//!   destination ([`grpc`]), and `consul://` targets are resolved to a passing instance of
+//!   the service ([`consul`]); an attempt that could not connect moves on to another instance
+//!   at once, and the next attempt of a delivery avoids the instances that failed it.
 //! - Attempt numbers are persisted before the attempt is sent (attempt 1 by the fire's own
 //!   insert, later ones by [`Store::begin_attempt`]); a delivery resumed after a crash goes
 //!   on with the next number.
 //! - Outcomes are written by the recorder task in batches; a retry is re-queued only once its
 //!   `next_attempt_at` is stored, so the queue in memory is always a subset of the durable one.
 
+mod consul;
+mod error;
+mod grpc;
 mod http;
+mod limits;
 mod outbound;
 mod retry;
 
@@ -29,6 +38,10 @@ use crate::cluster::Leases;
 use crate::job::{Callback, Target};
 use crate::metrics;
 use crate::store::{ExecKey, Outcome, PendingDelivery, Store};
+use consul::{Consul, Picked};
+use error::AttemptError;
+use grpc::GrpcClients;
+use limits::{Admission, TargetState, Targets};
 
 const OUTCOME_BATCH: usize = 500;
 
@@ -45,6 +58,32 @@ pub struct DeliveryTask {
     pub due: i64,
     pub fired_at: i64,
     pub target: Arc<Target>,
+    /// The last attempt that may be made; `None`: the target's `retry.max_attempts`. A
+    /// re-driven dead letter gets a fresh budget on top of the attempts already made.
+    pub attempt_limit: Option<u32>,
+    /// Consul instances that failed this delivery; its next attempt prefers others.
+    pub avoid: Vec<Arc<str>>,
+}
+
+impl DeliveryTask {
+    /// A fresh fire's first attempt, already persisted by the fire's insert.
+    pub fn first(key: ExecKey, slot: u32, fired_at: i64, target: Arc<Target>) -> DeliveryTask {
+        DeliveryTask {
+            key,
+            slot,
+            attempt: 1,
+            attempt_persisted: true,
+            due: 0,
+            fired_at,
+            target,
+            attempt_limit: None,
+            avoid: Vec::new(),
+        }
+    }
+
+    fn attempt_limit(&self) -> u32 {
+        self.attempt_limit.unwrap_or(self.target.retry.max_attempts)
+    }
 }
 
 /// Cheap to clone.
@@ -64,19 +103,29 @@ impl DeliveryHandle {
 
 pub struct DeliveryConfig {
     pub concurrency: usize,
+    pub per_target_concurrency: usize,
     pub outbound: OutboundPolicy,
+    /// The Consul agent resolving `consul://` targets.
+    pub consul_addr: Option<String>,
     /// How long shutdown waits for attempts in flight.
     pub shutdown_grace: Duration,
 }
 
-/// Starts the dispatcher and the outcome recorder on `tracker`.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("consul_addr: {0}")]
+    Consul(String),
+}
+
+/// Starts the dispatcher and the outcome recorder (and Consul watches, as services are
+/// used) on `tracker`.
 pub fn spawn(
     config: DeliveryConfig,
     store: Store,
     leases: Arc<Leases>,
     cancel: CancellationToken,
     tracker: &TaskTracker,
-) -> DeliveryHandle {
+) -> Result<DeliveryHandle, DeliveryError> {
     let (tx, rx) = mpsc::unbounded_channel();
     let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
     let handle = DeliveryHandle { tx };
@@ -92,14 +141,26 @@ pub fn spawn(
         .user_agent(concat!("chime/", env!("CARGO_PKG_VERSION")))
         .build()
         .expect("a client with static settings builds");
+    let consul = match &config.consul_addr {
+        Some(addr) => Some(
+            Consul::new(addr, cancel.clone(), tracker.clone()).map_err(DeliveryError::Consul)?,
+        ),
+        None => None,
+    };
+    let transports = Arc::new(Transports {
+        http: client,
+        grpc: GrpcClients::new(config.outbound.clone()),
+        consul,
+        outbound: config.outbound.clone(),
+        targets: Targets::new(config.per_target_concurrency),
+        permits: Arc::new(Semaphore::new(config.concurrency)),
+    });
     let dispatcher = Dispatcher {
         store: store.clone(),
-        client,
+        transports,
         rx,
         waiting: BTreeMap::new(),
         seq: 0,
-        permits: Arc::new(Semaphore::new(config.concurrency)),
-        outbound: config.outbound.clone(),
         attempts: TaskTracker::new(),
         outcome_tx,
         recorder_stop: CancellationToken::new(),
@@ -116,7 +177,7 @@ pub fn spawn(
         handle.clone(),
         recorder_stop,
     ));
-    handle
+    Ok(handle)
 }
 
 /// Turns stored pending deliveries into tasks: each resumes with its next attempt number.
@@ -133,6 +194,8 @@ pub fn resume_tasks(pending: Vec<PendingDelivery>) -> Vec<DeliveryTask> {
                 due: p.next_attempt_at,
                 fired_at: p.fired_at,
                 target: Arc::new(target),
+                attempt_limit: p.attempt_limit,
+                avoid: Vec::new(),
             }),
             Err(e) => {
                 tracing::error!(job_id = %p.key.job_id, scheduled_at = p.key.scheduled_at, error = %e, "stored delivery snapshot is unreadable; leaving it pending");
@@ -153,17 +216,29 @@ fn stored_target(p: &PendingDelivery) -> Result<Target, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Everything an attempt needs to reach a target.
+struct Transports {
+    http: reqwest::Client,
+    grpc: GrpcClients,
+    consul: Option<Consul>,
+    outbound: OutboundPolicy,
+    targets: Targets,
+    /// The node-wide concurrency limit, taken after the target's own.
+    permits: Arc<Semaphore>,
+}
+
+type AttemptResult = Result<u16, AttemptError>;
+type OutcomeTx = mpsc::UnboundedSender<(DeliveryTask, AttemptResult)>;
+
 struct Dispatcher {
     store: Store,
-    client: reqwest::Client,
+    transports: Arc<Transports>,
     rx: mpsc::UnboundedReceiver<DeliveryTask>,
     /// Tasks not due yet, by (due, arrival order).
     waiting: BTreeMap<(i64, u64), DeliveryTask>,
     seq: u64,
-    permits: Arc<Semaphore>,
-    outbound: OutboundPolicy,
     attempts: TaskTracker,
-    outcome_tx: mpsc::UnboundedSender<(DeliveryTask, Result<u16, http::AttemptError>)>,
+    outcome_tx: OutcomeTx,
     /// Tells the recorder that no more outcomes are worth waiting for: attempts still running
     /// after the grace period are abandoned (their rows stay pending).
     recorder_stop: CancellationToken,
@@ -175,6 +250,8 @@ struct Dispatcher {
 
 impl Dispatcher {
     async fn run(mut self) {
+        let mut sweep = tokio::time::interval(Duration::from_secs(60));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let sleep = match self.waiting.first_key_value() {
                 Some(((due, _), _)) => Duration::from_micros((due * 1000 - now_us()).max(0) as u64),
@@ -188,8 +265,12 @@ impl Dispatcher {
                     None => break,
                 },
                 _ = tokio::time::sleep(sleep) => {}
+                _ = sweep.tick() => {
+                    self.transports.targets.sweep(now_ms());
+                    metrics::OPEN_CIRCUITS.set(self.transports.targets.open_circuits() as i64);
+                }
             }
-            self.start_due().await;
+            self.start_due();
         }
         // Let attempts in flight finish (their outcomes get recorded); whatever is still
         // running after the grace period stays pending in the store and resumes on restart.
@@ -205,6 +286,7 @@ impl Dispatcher {
     }
 
     async fn accept(&mut self, task: DeliveryTask) {
+        // (async only to keep the select arm uniform)
         self.enqueue(task);
         while let Ok(task) = self.rx.try_recv() {
             self.enqueue(task);
@@ -217,84 +299,242 @@ impl Dispatcher {
         metrics::DELIVERIES_WAITING.set(self.waiting.len() as i64);
     }
 
-    async fn start_due(&mut self) {
+    /// Starts every due task as its own attempt task; the attempt waits for its permits, so
+    /// this loop never waits on a slow target.
+    fn start_due(&mut self) {
         let now = now_ms();
         while let Some(entry) = self.waiting.first_entry() {
             if entry.key().0 > now {
                 break;
             }
-            let permit = tokio::select! {
-                p = self.permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-                _ = self.cancel.cancelled() => return,
-            };
-            let task = entry.remove();
+            let mut task = entry.remove();
             if !self.leases.holds(task.slot) {
                 // The slot moved: its new owner loaded this delivery from the store.
-                drop(permit);
                 continue;
             }
-            let store = self.store.clone();
-            let client = self.client.clone();
-            let outcome_tx = self.outcome_tx.clone();
-            let requeue = self.requeue.clone();
-            let outbound = self.outbound.clone();
-            self.attempts.spawn(async move {
-                let _permit = permit;
-                attempt(store, client, outbound, task, outcome_tx, requeue).await;
-            });
+            let target = self.transports.targets.get(&target_key(&task.target));
+            if let Admission::Defer(until) = target.admit(now) {
+                // Circuit open: not sent, not charged an attempt, looked at again later.
+                metrics::DELIVERIES_DEFERRED.inc();
+                task.due = until;
+                self.enqueue(task);
+                continue;
+            }
+            let ctx = AttemptCtx {
+                store: self.store.clone(),
+                transports: self.transports.clone(),
+                target,
+                outcome_tx: self.outcome_tx.clone(),
+                requeue: self.requeue.clone(),
+                leases: self.leases.clone(),
+                cancel: self.cancel.clone(),
+            };
+            self.attempts.spawn(ctx.run(task));
         }
         metrics::DELIVERIES_WAITING.set(self.waiting.len() as i64);
     }
 }
 
-async fn attempt(
+/// The limiting key of a target: `scheme://host:port` of a URL, `consul://<service>`.
+fn target_key(target: &Target) -> String {
+    let raw = match &target.callback {
+        Callback::Http(h) => &h.url,
+        Callback::Grpc(g) => &g.target,
+    };
+    match reqwest::Url::parse(raw) {
+        Ok(u) => match u.port_or_known_default() {
+            Some(port) => format!(
+                "{}://{}:{port}",
+                u.scheme(),
+                u.host_str().unwrap_or_default()
+            ),
+            None => format!("{}://{}", u.scheme(), u.host_str().unwrap_or_default()),
+        },
+        Err(_) => raw.clone(),
+    }
+}
+
+struct AttemptCtx {
     store: Store,
-    client: reqwest::Client,
-    outbound: OutboundPolicy,
-    mut task: DeliveryTask,
-    outcome_tx: mpsc::UnboundedSender<(DeliveryTask, Result<u16, http::AttemptError>)>,
+    transports: Arc<Transports>,
+    target: Arc<TargetState>,
+    outcome_tx: OutcomeTx,
     requeue: DeliveryHandle,
-) {
-    if !task.attempt_persisted {
-        match store.begin_attempt(&task.key, task.attempt).await {
-            Ok(true) => task.attempt_persisted = true,
-            // Job deleted, or the delivery finished elsewhere: nothing to send.
-            Ok(false) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, job_id = %task.key.job_id, "cannot persist attempt number, retrying in 1s");
-                task.due = now_ms() + 1000;
-                requeue.submit(vec![task]);
-                return;
+    leases: Arc<Leases>,
+    cancel: CancellationToken,
+}
+
+impl AttemptCtx {
+    async fn run(self, mut task: DeliveryTask) {
+        // The target's permit first: waiting for it must not hold one of the node's.
+        let permits = tokio::select! {
+            p = self.target.permits.clone().acquire_owned() => p,
+            _ = self.cancel.cancelled() => return,
+        };
+        let node_permit = tokio::select! {
+            p = self.transports.permits.clone().acquire_owned() => p,
+            _ = self.cancel.cancelled() => return,
+        };
+        let (Ok(_target_permit), Ok(_node_permit)) = (permits, node_permit) else {
+            return;
+        };
+        if !self.leases.holds(task.slot) {
+            return;
+        }
+        if !task.attempt_persisted {
+            match self.store.begin_attempt(&task.key, task.attempt).await {
+                Ok(true) => task.attempt_persisted = true,
+                // Job deleted, or the delivery finished elsewhere: nothing to send.
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, job_id = %task.key.job_id, "cannot persist attempt number, retrying in 1s");
+                    task.due = now_ms() + 1000;
+                    self.requeue.submit(vec![task]);
+                    return;
+                }
             }
         }
+        let (result, failed_instance) = self.send(&task).await;
+        if task.attempt == 1 {
+            metrics::DELIVERY_DELAY_SECONDS
+                .observe((now_ms() - task.key.scheduled_at).max(0) as f64 / 1000.0);
+        }
+        let downstream_failed = matches!(&result, Err(e) if e.is_downstream_failure());
+        if self.target.record(downstream_failed, now_ms()) {
+            tracing::warn!(job_id = %task.key.job_id, target = %target_key(&task.target), "target keeps failing; circuit opened, its deliveries wait");
+        }
+        if let Some(id) = failed_instance
+            && !task.avoid.contains(&id)
+        {
+            task.avoid.push(id);
+        }
+        let _ = self.outcome_tx.send((task, result));
     }
-    let target = task.target.clone();
-    let Callback::Http(cb) = &target.callback;
-    let result = http::send(
-        &client,
-        &outbound,
-        cb,
-        &http::Attempt {
+
+    /// One attempt; for a Consul target also the instance that failed it, if one did.
+    async fn send(&self, task: &DeliveryTask) -> (AttemptResult, Option<Arc<str>>) {
+        let t = &*task.target;
+        let a = http::Attempt {
             job_id: &task.key.job_id,
             scheduled_at: task.key.scheduled_at,
             fired_at: task.fired_at,
             attempt: task.attempt,
-            payload: &target.payload,
-            secret: target.secret.as_deref(),
-        },
-    )
-    .await;
-    if task.attempt == 1 {
-        metrics::DELIVERY_DELAY_SECONDS
-            .observe((now_ms() - task.key.scheduled_at).max(0) as f64 / 1000.0);
+            payload: &t.payload,
+            secret: t.secret.as_deref(),
+        };
+        let raw = match &t.callback {
+            Callback::Http(h) => &h.url,
+            Callback::Grpc(g) => &g.target,
+        };
+        let url = match reqwest::Url::parse(raw) {
+            Ok(u) => u,
+            Err(e) => {
+                return (
+                    Err(AttemptError::Refused(format!("bad target {raw}: {e}"))),
+                    None,
+                );
+            }
+        };
+        if url.scheme() != "consul" {
+            let result = match &t.callback {
+                Callback::Http(cb) => {
+                    http::send(
+                        &self.transports.http,
+                        &self.transports.outbound,
+                        cb,
+                        url,
+                        &a,
+                    )
+                    .await
+                }
+                Callback::Grpc(cb) => self
+                    .transports
+                    .grpc
+                    .send(&cb.target, cb.timeout_ms, &a)
+                    .await
+                    .map(|()| 0),
+            };
+            return (result, None);
+        }
+        let Some(consul) = &self.transports.consul else {
+            return (
+                Err(AttemptError::Refused(
+                    "consul:// target, but this node runs without --consul-addr".into(),
+                )),
+                None,
+            );
+        };
+        let service = url.host_str().unwrap_or_default().to_string();
+        // Instances that refused the connection: nothing was sent, so the next one is tried
+        // within the same attempt.
+        let mut avoid = task.avoid.clone();
+        loop {
+            let picked = match consul.pick(&service, &avoid).await {
+                Ok(p) => p,
+                Err(e) => return (Err(e), None),
+            };
+            let result = self.send_to(task, &a, &url, &picked).await;
+            let healthy = !matches!(&result, Err(e) if e.is_downstream_failure());
+            picked.report(healthy);
+            let id = picked.instance().id.clone();
+            match result {
+                Err(AttemptError::Connect(msg)) if !avoid.contains(&id) && avoid.len() < 8 => {
+                    tracing::debug!(service, instance = %id, error = %msg, "instance refused the connection; trying another");
+                    avoid.push(id);
+                }
+                Err(e) => return (Err(e), (!healthy).then_some(id)),
+                Ok(s) => return (Ok(s), None),
+            }
+        }
     }
-    let _ = outcome_tx.send((task, result));
+
+    async fn send_to(
+        &self,
+        task: &DeliveryTask,
+        a: &http::Attempt<'_>,
+        url: &reqwest::Url,
+        picked: &Picked,
+    ) -> AttemptResult {
+        let inst = picked.instance();
+        if let Ok(ip) = inst.host.parse::<std::net::IpAddr>()
+            && let Err(e) = self.transports.outbound.check(ip)
+        {
+            return Err(AttemptError::Refused(format!(
+                "refused: consul instance {}: {e}",
+                inst.id
+            )));
+        }
+        match &task.target.callback {
+            Callback::Http(cb) => {
+                let mut resolved = format!("http://{}{}", inst.authority(), url.path());
+                if let Some(q) = url.query() {
+                    resolved.push('?');
+                    resolved.push_str(q);
+                }
+                match reqwest::Url::parse(&resolved) {
+                    Ok(u) => {
+                        http::send(&self.transports.http, &self.transports.outbound, cb, u, a).await
+                    }
+                    Err(e) => Err(AttemptError::Transport(format!(
+                        "consul instance {}: bad address: {e}",
+                        inst.id
+                    ))),
+                }
+            }
+            Callback::Grpc(cb) => self
+                .transports
+                .grpc
+                .send(&format!("http://{}", inst.authority()), cb.timeout_ms, a)
+                .await
+                .map(|()| 0),
+        }
+    }
 }
 
 /// Writes outcomes in batches and re-queues retries once they are stored.
 async fn record_outcomes(
     store: Store,
-    mut rx: mpsc::UnboundedReceiver<(DeliveryTask, Result<u16, http::AttemptError>)>,
+    mut rx: mpsc::UnboundedReceiver<(DeliveryTask, AttemptResult)>,
     requeue: DeliveryHandle,
     stop: CancellationToken,
 ) {
@@ -364,11 +604,11 @@ async fn record_outcomes(
     }
 }
 
-fn outcome_of(task: &DeliveryTask, result: &Result<u16, http::AttemptError>) -> Outcome {
+fn outcome_of(task: &DeliveryTask, result: &AttemptResult) -> Outcome {
     let snapshot = || serde_json::to_string(&*task.target).unwrap_or_default();
     match result {
         Ok(status) => Outcome::Succeeded { status: *status },
-        Err(e) if e.is_retryable() && task.attempt < task.target.retry.max_attempts => {
+        Err(e) if e.is_retryable() && task.attempt < task.attempt_limit() => {
             let delay = retry_delay(&task.target.retry, task.attempt, e.retry_after());
             Outcome::Retry {
                 next_attempt_at: now_ms() + delay.as_millis() as i64,

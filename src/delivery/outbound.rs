@@ -128,28 +128,39 @@ impl reqwest::dns::Resolve for CheckedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let policy = self.policy.clone();
         Box::pin(async move {
-            let host = name.as_str().to_string();
-            let addrs: Vec<std::net::SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut why = None;
-            let allowed: Vec<std::net::SocketAddr> = addrs
-                .into_iter()
-                .filter(|a| match policy.check(a.ip()) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        why = Some(e);
-                        false
-                    }
-                })
-                .collect();
-            if allowed.is_empty() {
-                let reason = why.unwrap_or_else(|| format!("{host} has no addresses"));
-                return Err(Box::new(Refused(format!("{host}: {reason}")))
-                    as Box<dyn std::error::Error + Send + Sync>);
-            }
+            let allowed = resolve(&policy, name.as_str(), 0).await?;
             Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
         })
     }
+}
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Resolves `host` and keeps the addresses the policy allows; [`Refused`] if none is left.
+/// Both the HTTP client's resolver and the gRPC connector go through here, so a name that
+/// resolves to a metadata address is refused whatever the transport.
+pub(crate) async fn resolve(
+    policy: &OutboundPolicy,
+    host: &str,
+    port: u16,
+) -> Result<Vec<std::net::SocketAddr>, BoxError> {
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    let mut why = None;
+    let allowed: Vec<std::net::SocketAddr> = addrs
+        .into_iter()
+        .filter(|a| match policy.check(a.ip()) {
+            Ok(()) => true,
+            Err(e) => {
+                why = Some(e);
+                false
+            }
+        })
+        .collect();
+    if allowed.is_empty() {
+        let reason = why.unwrap_or_else(|| format!("{host} has no addresses"));
+        return Err(Box::new(Refused(format!("{host}: {reason}"))));
+    }
+    Ok(allowed)
 }
 
 #[cfg(test)]

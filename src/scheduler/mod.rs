@@ -324,13 +324,13 @@ impl Actor {
 
     fn task(&self, job: &Arc<Job>, fire: &NewFire) -> DeliveryTask {
         DeliveryTask {
-            key: fire.key.clone(),
-            slot: job.slot,
-            attempt: 1,
-            attempt_persisted: true,
             due: fire.fired_at,
-            fired_at: fire.fired_at,
-            target: job.target.clone(),
+            ..DeliveryTask::first(
+                fire.key.clone(),
+                job.slot,
+                fire.fired_at,
+                job.target.clone(),
+            )
         }
     }
 

@@ -115,6 +115,42 @@ pub struct PendingDelivery {
     pub request: String,
     /// The job's stored `spec`, the fallback for an empty snapshot (None: job gone).
     pub job_spec: Option<String>,
+    /// The last attempt allowed, if not the target's `max_attempts` (a re-driven delivery).
+    pub attempt_limit: Option<u32>,
+}
+
+/// What [`Store::redrive`] found.
+#[derive(Debug, Clone)]
+pub enum Redrive {
+    /// Pending again, due now, with a fresh budget of attempts.
+    Redriven(PendingDelivery),
+    NotFound,
+    /// Only a `failed` delivery can be re-driven.
+    NotFailed(ExecStatus),
+}
+
+const PENDING_COLUMNS: &str = "e.job_id, e.scheduled_at, e.slot, e.attempts, e.next_attempt_at, \
+     e.fired_at, e.request, e.attempt_limit, j.spec";
+
+fn pending_from_row(row: &AnyRow) -> Result<PendingDelivery, StoreError> {
+    let job_id: String = row.try_get("job_id")?;
+    Ok(PendingDelivery {
+        key: ExecKey {
+            job_id: job_id.into(),
+            scheduled_at: row.try_get("scheduled_at")?,
+        },
+        slot: row.try_get::<i64, _>("slot")? as u32,
+        attempts: row.try_get::<i64, _>("attempts")?.max(0) as u32,
+        next_attempt_at: row
+            .try_get::<Option<i64>, _>("next_attempt_at")?
+            .unwrap_or(0),
+        fired_at: row.try_get("fired_at")?,
+        request: row.try_get("request")?,
+        job_spec: row.try_get("spec")?,
+        attempt_limit: row
+            .try_get::<Option<i64>, _>("attempt_limit")?
+            .map(|n| n.clamp(0, i64::from(u32::MAX)) as u32),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -428,8 +464,7 @@ impl Store {
             let mut rows = Vec::new();
             for chunk in slots.chunks(CHUNK) {
                 let sql = sqlx::AssertSqlSafe(format!(
-                    "SELECT e.job_id, e.scheduled_at, e.slot, e.attempts, e.next_attempt_at, \
-                     e.fired_at, e.request, j.spec FROM executions e \
+                    "SELECT {PENDING_COLUMNS} FROM executions e \
                      LEFT JOIN jobs j ON j.id = e.job_id \
                      WHERE e.status = 'pending' AND e.slot IN ({})",
                     in_list(chunk.len())
@@ -438,25 +473,61 @@ impl Store {
                 q = bind_slots(q, chunk);
                 rows.extend(q.fetch_all(&self.pool).await?);
             }
-            rows.iter()
-                .map(|row| {
-                    let job_id: String = row.try_get("job_id")?;
-                    Ok(PendingDelivery {
-                        key: ExecKey {
-                            job_id: job_id.into(),
-                            scheduled_at: row.try_get("scheduled_at")?,
-                        },
-                        slot: row.try_get::<i64, _>("slot")? as u32,
-                        attempts: row.try_get::<i64, _>("attempts")?.max(0) as u32,
-                        next_attempt_at: row
-                            .try_get::<Option<i64>, _>("next_attempt_at")?
-                            .unwrap_or(0),
-                        fired_at: row.try_get("fired_at")?,
-                        request: row.try_get("request")?,
-                        job_spec: row.try_get("spec")?,
-                    })
-                })
-                .collect()
+            rows.iter().map(pending_from_row).collect()
+        })
+        .await
+    }
+
+    /// Makes a `failed` delivery pending again, due at `now`, allowed `extra_attempts` more
+    /// attempts. Its snapshot is cleared, so it is sent with the job's current definition (a
+    /// fixed URL takes effect); attempt numbers go on from where they stopped.
+    pub async fn redrive(
+        &self,
+        key: &ExecKey,
+        extra_attempts: u32,
+        now: i64,
+    ) -> Result<Redrive, StoreError> {
+        self.timed(OP_TIMEOUT, async move {
+            let mut tx = self.pool.begin().await?;
+            let n = sqlx::query(
+                "UPDATE executions SET status = 'pending', next_attempt_at = ?, request = '', \
+                 attempt_limit = attempts + ? \
+                 WHERE job_id = ? AND scheduled_at = ? AND status = 'failed'",
+            )
+            .bind(now)
+            .bind(i64::from(extra_attempts))
+            .bind(key.job_id.to_string())
+            .bind(key.scheduled_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            let result = if n == 1 {
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "SELECT {PENDING_COLUMNS} FROM executions e \
+                     LEFT JOIN jobs j ON j.id = e.job_id \
+                     WHERE e.job_id = ? AND e.scheduled_at = ?"
+                ));
+                let row = sqlx::query(sql)
+                    .bind(key.job_id.to_string())
+                    .bind(key.scheduled_at)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                Redrive::Redriven(pending_from_row(&row)?)
+            } else {
+                let status: Option<String> = sqlx::query_scalar(
+                    "SELECT status FROM executions WHERE job_id = ? AND scheduled_at = ?",
+                )
+                .bind(key.job_id.to_string())
+                .bind(key.scheduled_at)
+                .fetch_optional(&mut *tx)
+                .await?;
+                match status {
+                    None => Redrive::NotFound,
+                    Some(s) => Redrive::NotFailed(ExecStatus::parse(&s)?),
+                }
+            };
+            tx.commit().await?;
+            Ok(result)
         })
         .await
     }

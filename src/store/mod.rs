@@ -21,6 +21,7 @@ use sqlx::{AnyPool, ConnectOptions, Connection};
 
 pub use executions::{
     ExecKey, ExecStatus, ExecutionRecord, NewFire, Outcome, PendingDelivery, Progress, Recorded,
+    Redrive,
 };
 pub use jobs::{JobRecord, PutOutcome};
 

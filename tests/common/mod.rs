@@ -28,6 +28,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
+pub mod consul;
+pub mod grpc;
+
 /// How long a node may take from spawn to `/readyz` = 200 (MySQL migrations on a busy
 /// two-core machine are the slow part).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(45);

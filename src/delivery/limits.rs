@@ -1,0 +1,234 @@
+//! Protection of downstreams, and of everyone else from one bad downstream.
+//!
+//! Each target (the origin `scheme://host:port` of a URL, or a Consul service) gets
+//! - a concurrency limit: attempts to it wait for one of its permits before taking one of the
+//!   node's, so a target that hangs holds at most its own share of the node's capacity;
+//! - a circuit breaker: after [`OPEN_AFTER`] consecutive failures that point at the target
+//!   (timeouts, refused connections, 5xx, UNAVAILABLE, …) its deliveries are deferred, not
+//!   sent and not charged an attempt, for a cool-down that doubles up to [`MAX_COOLDOWN`];
+//!   then one probe goes through, and its result closes or re-opens the circuit.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::clock::now_ms;
+
+pub(crate) const OPEN_AFTER: u32 = 5;
+const FIRST_COOLDOWN: Duration = Duration::from_secs(1);
+const MAX_COOLDOWN: Duration = Duration::from_secs(60);
+/// While a probe is out, other deliveries look again after this long.
+const PROBE_RECHECK: Duration = Duration::from_millis(200);
+/// Targets unused this long are forgotten.
+const IDLE_TARGET: Duration = Duration::from_secs(600);
+
+/// What the breaker allows for one delivery right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    Send,
+    /// The circuit is open: try again at this time (unix ms).
+    Defer(i64),
+}
+
+#[derive(Debug)]
+enum Circuit {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: i64,
+        cooldown_ms: i64,
+    },
+    /// Cool-down over: one probe is (or may be) out.
+    HalfOpen {
+        probing: bool,
+        cooldown_ms: i64,
+    },
+}
+
+pub(crate) struct TargetState {
+    pub permits: Arc<Semaphore>,
+    circuit: Mutex<Circuit>,
+    last_used: std::sync::atomic::AtomicI64,
+}
+
+impl TargetState {
+    fn new(limit: usize) -> TargetState {
+        TargetState {
+            permits: Arc::new(Semaphore::new(limit)),
+            circuit: Mutex::new(Circuit::Closed { failures: 0 }),
+            last_used: now_ms().into(),
+        }
+    }
+
+    pub fn admit(&self, now: i64) -> Admission {
+        self.last_used
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        let mut c = self.circuit.lock().expect("circuit lock");
+        match *c {
+            Circuit::Closed { .. } => Admission::Send,
+            Circuit::Open { until, cooldown_ms } if now >= until => {
+                *c = Circuit::HalfOpen {
+                    probing: true,
+                    cooldown_ms,
+                };
+                Admission::Send
+            }
+            Circuit::Open { until, .. } => Admission::Defer(until),
+            Circuit::HalfOpen {
+                probing: false,
+                cooldown_ms,
+            } => {
+                *c = Circuit::HalfOpen {
+                    probing: true,
+                    cooldown_ms,
+                };
+                Admission::Send
+            }
+            Circuit::HalfOpen { probing: true, .. } => {
+                Admission::Defer(now + PROBE_RECHECK.as_millis() as i64)
+            }
+        }
+    }
+
+    /// Records an attempt's result: `downstream_failed` for failures that say the target is
+    /// unwell, as opposed to it answering (even with a rejection). Returns true when this
+    /// result opened the circuit.
+    pub fn record(&self, downstream_failed: bool, now: i64) -> bool {
+        let mut c = self.circuit.lock().expect("circuit lock");
+        if !downstream_failed {
+            *c = Circuit::Closed { failures: 0 };
+            return false;
+        }
+        let first = FIRST_COOLDOWN.as_millis() as i64;
+        let (open, cooldown_ms) = match *c {
+            Circuit::Closed { failures } if failures + 1 >= OPEN_AFTER => (true, first),
+            Circuit::Closed { failures } => {
+                *c = Circuit::Closed {
+                    failures: failures + 1,
+                };
+                (false, 0)
+            }
+            // A failed probe: back off further.
+            Circuit::HalfOpen { cooldown_ms, .. } => {
+                (true, (cooldown_ms * 2).min(MAX_COOLDOWN.as_millis() as i64))
+            }
+            // Attempts sent before the circuit opened keep failing: already open.
+            Circuit::Open { .. } => (false, 0),
+        };
+        if open {
+            *c = Circuit::Open {
+                until: now + cooldown_ms,
+                cooldown_ms,
+            };
+        }
+        open
+    }
+
+    pub fn is_open(&self) -> bool {
+        !matches!(
+            *self.circuit.lock().expect("circuit lock"),
+            Circuit::Closed { .. }
+        )
+    }
+}
+
+/// Every target's state, created on first use.
+pub(crate) struct Targets {
+    limit: usize,
+    map: Mutex<HashMap<Arc<str>, Arc<TargetState>>>,
+}
+
+impl Targets {
+    pub fn new(limit: usize) -> Targets {
+        Targets {
+            limit,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Arc<TargetState> {
+        let mut map = self.map.lock().expect("targets lock");
+        if let Some(t) = map.get(key) {
+            return t.clone();
+        }
+        let t = Arc::new(TargetState::new(self.limit));
+        map.insert(key.into(), t.clone());
+        t
+    }
+
+    /// Forgets targets nobody used for a while and nobody is using now.
+    pub fn sweep(&self, now: i64) {
+        let limit = self.limit;
+        self.map.lock().expect("targets lock").retain(|_, t| {
+            now - t.last_used.load(std::sync::atomic::Ordering::Relaxed)
+                < IDLE_TARGET.as_millis() as i64
+                || t.permits.available_permits() < limit
+                || Arc::strong_count(t) > 1
+        });
+    }
+
+    pub fn open_circuits(&self) -> usize {
+        let map = self.map.lock().expect("targets lock");
+        map.values().filter(|t| t.is_open()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_consecutive_failures_then_probes() {
+        let t = TargetState::new(4);
+        let now = 1_000_000;
+        for _ in 0..OPEN_AFTER - 1 {
+            assert!(!t.record(true, now));
+        }
+        // A success in between resets the count.
+        t.record(false, now);
+        for _ in 0..OPEN_AFTER - 1 {
+            assert!(!t.record(true, now));
+        }
+        assert_eq!(t.admit(now), Admission::Send);
+        assert!(t.record(true, now), "the fifth failure in a row opens");
+        let until = now + FIRST_COOLDOWN.as_millis() as i64;
+        assert_eq!(t.admit(now + 10), Admission::Defer(until));
+        // Cool-down over: exactly one probe.
+        assert_eq!(t.admit(until), Admission::Send);
+        assert!(matches!(t.admit(until + 1), Admission::Defer(_)));
+        // The probe fails: open again, twice as long.
+        assert!(t.record(true, until + 5));
+        assert_eq!(
+            t.admit(until + 6),
+            Admission::Defer(until + 5 + 2 * FIRST_COOLDOWN.as_millis() as i64)
+        );
+        let later = until + 5 + 2 * FIRST_COOLDOWN.as_millis() as i64;
+        assert_eq!(t.admit(later), Admission::Send);
+        // The probe succeeds: closed.
+        t.record(false, later + 1);
+        assert_eq!(t.admit(later + 2), Admission::Send);
+        assert_eq!(t.admit(later + 2), Admission::Send);
+        assert!(!t.is_open());
+    }
+
+    #[test]
+    fn cooldown_is_capped() {
+        let t = TargetState::new(1);
+        let mut now = 0;
+        for _ in 0..OPEN_AFTER {
+            t.record(true, now);
+        }
+        for _ in 0..20 {
+            let Admission::Defer(until) = t.admit(now) else {
+                panic!("open")
+            };
+            assert!(until - now <= MAX_COOLDOWN.as_millis() as i64);
+            now = until;
+            assert_eq!(t.admit(now), Admission::Send);
+            t.record(true, now);
+        }
+    }
+}
