@@ -1,0 +1,256 @@
+//! `consul://` targets against the Consul HTTP API double: traffic spreads over the passing
+//! instances, an instance that turns critical gets nothing once chime's blocking query has
+//! returned, each node keeps one watch per service, and with every instance critical the
+//! deliveries wait and retry until one passes again: none is lost.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::consul::ConsulDouble;
+use common::grpc::{GrpcReceiver, GrpcScript};
+use common::*;
+use serde_json::json;
+
+/// Waits until chime has asked again after the service's index moved past `index`: from
+/// then on every pick uses the new list.
+async fn next_round(consul: &ConsulDouble, service: &str, index: u64) {
+    let ok = wait_until(Duration::from_secs(10), async || {
+        consul
+            .recent_queries()
+            .iter()
+            .any(|q| q.service == service && q.index_value().is_some_and(|i| i >= index))
+    })
+    .await;
+    assert!(ok, "chime re-queries {service} after index {index}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traffic_spreads_and_a_critical_instance_gets_nothing_after_the_next_round() {
+    let db = fresh_sqlite();
+    let consul = ConsulDouble::start().await;
+    let rxs: Vec<Receiver> =
+        futures::future::join_all((0..3).map(|_| Receiver::start(Script::always(200)))).await;
+    for (i, rx) in rxs.iter().enumerate() {
+        let port = rx
+            .url()
+            .split(':')
+            .nth(2)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        consul.add_instance("web", &format!("web-{i}"), "127.0.0.1", port);
+    }
+    let node = Chime::start(&db, "n1", &["--consul-addr", &consul.url()]).await;
+    for j in 0..30 {
+        let r = node
+            .put(
+                &format!("/v1/jobs/c-{j}"),
+                &http_job("@every 1s", "consul://web/hook?src=chime"),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{r}");
+    }
+    assert_eq!(
+        node.get("/v1/jobs/c-0").await.json["callback"]["http"]["url"],
+        "consul://web/hook?src=chime"
+    );
+    let ok = wait_until(Duration::from_secs(15), async || {
+        rxs.iter().map(Receiver::count).sum::<usize>() >= 150
+    })
+    .await;
+    assert!(ok, "deliveries arrive");
+    let counts: Vec<usize> = rxs.iter().map(Receiver::count).collect();
+    let total: usize = counts.iter().sum();
+    for c in &counts {
+        assert!(
+            *c * 100 >= total * 15,
+            "spread over all three instances: {counts:?}"
+        );
+    }
+    let r = &rxs[0].requests()[0];
+    assert_eq!(r.path, "/hook");
+    assert!(r.idempotency_key().starts_with("c-"), "{r:?}");
+
+    // One shared watch per service, blocking with index and wait.
+    assert_eq!(consul.max_concurrent_blocking("web"), 1);
+    let qs = consul.recent_queries();
+    assert!(
+        qs.iter()
+            .any(|q| q.index_value().is_some_and(|i| i > 0) && q.wait.is_some()),
+        "{:?}",
+        qs.iter().map(|q| &q.query).collect::<Vec<_>>()
+    );
+    assert!(
+        qs.iter().all(|q| q.passing.is_some()),
+        "asks for passing instances only"
+    );
+
+    consul.set_status("web", "web-1", "critical");
+    next_round(&consul, "web", consul.index("web")).await;
+    // Attempts picked just before the answer may still be on the wire.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rxs[1].count();
+    let others_before = rxs[0].count() + rxs[2].count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        rxs[1].count(),
+        before,
+        "the critical instance receives nothing"
+    );
+    assert!(
+        rxs[0].count() + rxs[2].count() >= others_before + 60,
+        "the others take its share"
+    );
+
+    // Consul failing for a while: the last known instances stay in use.
+    consul.fail_next(3, 500);
+    consul.touch("web");
+    let during = rxs[0].count() + rxs[2].count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        rxs[0].count() + rxs[2].count() >= during + 60,
+        "deliveries go on while consul errs"
+    );
+    assert_eq!(rxs[1].count(), before);
+    // It passes again: back in rotation after the next round.
+    consul.set_status("web", "web-1", "passing");
+    let ok = wait_until(Duration::from_secs(15), async || rxs[1].count() > before).await;
+    assert!(ok, "a passing instance gets traffic again");
+    let failed = node.get("/v1/executions?status=failed").await;
+    assert!(
+        failed.json["executions"].as_array().unwrap().is_empty(),
+        "{failed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_every_instance_critical_deliveries_wait_and_none_is_lost() {
+    let db = fresh_sqlite();
+    let consul = ConsulDouble::start().await;
+    let rxs: Vec<Receiver> =
+        futures::future::join_all((0..3).map(|_| Receiver::start(Script::always(200)))).await;
+    for (i, rx) in rxs.iter().enumerate() {
+        let port = rx
+            .url()
+            .split(':')
+            .nth(2)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        consul.add_instance("api", &format!("api-{i}"), "127.0.0.1", port);
+    }
+    let node = Chime::start(&db, "n1", &["--consul-addr", &consul.url()]).await;
+    for j in 0..10 {
+        let mut job = http_job("@every 1s", "consul://api/fire");
+        job["retry"] =
+            json!({"max_attempts": 20, "initial_backoff_ms": 200, "max_backoff_ms": 1000});
+        assert_eq!(node.put(&format!("/v1/jobs/w-{j}"), &job).await.status, 201);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..3 {
+        consul.set_status("api", &format!("api-{i}"), "critical");
+    }
+    next_round(&consul, "api", consul.index("api")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cut = rxs.iter().map(Receiver::count).sum::<usize>();
+    let outage = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        rxs.iter().map(Receiver::count).sum::<usize>(),
+        cut,
+        "nothing to send to"
+    );
+    let waiting = node.get("/v1/executions?status=pending&limit=1000").await;
+    assert!(
+        !waiting.json["executions"].as_array().unwrap().is_empty(),
+        "fires of the outage wait as pending deliveries: {waiting}"
+    );
+    consul.set_status("api", "api-2", "passing");
+    let outage = outage.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for j in 0..10 {
+        node.post(&format!("/v1/jobs/w-{j}/pause"), None).await;
+    }
+
+    let ok = wait_until(Duration::from_secs(30), async || {
+        let r = node.get("/v1/executions?status=pending&limit=1000").await;
+        r.json["executions"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+    assert!(ok, "every delivery of the outage completes");
+    let mut per_job: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for j in 0..10 {
+        let id = format!("w-{j}");
+        for e in node.executions(&id).await {
+            assert_eq!(e["status"], "succeeded", "{e}");
+            per_job
+                .entry(id.clone())
+                .or_default()
+                .push(e["id"].as_str().unwrap().parse().unwrap());
+        }
+    }
+    let delivered: std::collections::HashSet<String> = rxs
+        .iter()
+        .flat_map(Receiver::requests)
+        .filter(|r| r.answered == 200)
+        .map(|r| r.idempotency_key().to_string())
+        .collect();
+    for (id, mut times) in per_job {
+        times.sort_unstable();
+        assert!(times.len() >= 5, "{id}: {times:?}");
+        for w in times.windows(2) {
+            assert_eq!(
+                w[1] - w[0],
+                1000,
+                "{id}: no scheduled second is missing: {times:?}"
+            );
+        }
+        for t in times {
+            assert!(
+                delivered.contains(&format!("{id}@{t}")),
+                "{id}@{t} reached a receiver"
+            );
+        }
+    }
+    eprintln!(
+        "outage of {outage:?} survived; {} callbacks delivered",
+        delivered.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_callbacks_balance_over_a_consul_service() {
+    let db = fresh_sqlite();
+    let consul = ConsulDouble::start().await;
+    let a = GrpcReceiver::start(GrpcScript::always(tonic::Code::Ok)).await;
+    let b = GrpcReceiver::start(GrpcScript::always(tonic::Code::Ok)).await;
+    consul.add_instance("billing", "billing-a", "127.0.0.1", a.port());
+    consul.add_instance("billing", "billing-b", "127.0.0.1", b.port());
+    let node = Chime::start(&db, "n1", &["--consul-addr", &consul.url()]).await;
+    for j in 0..10 {
+        let job = json!({
+            "schedule": "@every 1s",
+            "callback": {"grpc": {"target": "consul://billing", "timeout_ms": 2000}},
+        });
+        assert_eq!(node.put(&format!("/v1/jobs/g-{j}"), &job).await.status, 201);
+    }
+    let ok = wait_until(Duration::from_secs(15), async || {
+        a.count() + b.count() >= 40
+    })
+    .await;
+    assert!(ok, "gRPC deliveries arrive");
+    assert!(
+        a.count() >= 8 && b.count() >= 8,
+        "both instances used: {} / {}",
+        a.count(),
+        b.count()
+    );
+}
