@@ -1,7 +1,7 @@
 //! Load benchmark for one chime node on MySQL/MariaDB, with callbacks to a receiver on
 //! loopback inside this process.
 //!
-//!     cargo bench --bench load -- [registration|memory|firing|cluster|rebalance|all] [--runs N] [--jobs N]
+//!     cargo bench --bench load -- [registration|memory|firing|cluster|delivery|rebalance|all] [--runs N] [--jobs N]
 //!                                 [--rates 1000,5000,10000]
 //!
 //! - registration: PUT /v1/jobs/{id} for N jobs (default 100,000) with 64 concurrent
@@ -13,6 +13,12 @@
 //!   (callback arrival − scheduled_at) p50/p99/max over a steady 15 s window.
 //!
 //! - cluster: the firing scenario on a 3-node cluster on this same machine.
+//! - delivery: R jobs (default 5,000) `@every 1s` delivered over HTTP, over gRPC (a tonic
+//!   receiver in this process), and over HTTP to a Consul service (the Consul API double of
+//!   the tests) whose three instances include one that answers 503 to everything while
+//!   Consul still lists it as passing: successful deliveries/s and delay (arrival of the
+//!   successful attempt − scheduled_at) p50/p99/max, plus the attempts the failing instance
+//!   absorbed.
 //! - rebalance: N jobs (100,000 and 1,000,000), 2 nodes; a third joins, then is killed
 //!   with -9: time from the event until every slot is leased by its ring owner.
 //!
@@ -29,6 +35,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
+
+#[allow(dead_code)]
+#[path = "../tests/common/consul.rs"]
+mod consul;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -99,6 +109,10 @@ impl Node {
     }
 
     async fn start_as(db: &str, id: &str, seed: Option<&str>) -> Res<Node> {
+        Node::start_with(db, id, seed, &[]).await
+    }
+
+    async fn start_with(db: &str, id: &str, seed: Option<&str>, extra: &[&str]) -> Res<Node> {
         let started = Instant::now();
         let gossip = format!("127.0.0.1:{}", free_udp_port()?);
         let mut cmd = Command::new(CHIME);
@@ -116,6 +130,7 @@ impl Node {
         if let Some(seed) = seed {
             cmd.args(["--seeds", seed]);
         }
+        cmd.args(extra);
         let mut child = cmd
             .env("CHIME_LOG", "warn,chime::node=info")
             .stderr(Stdio::piped())
@@ -207,9 +222,18 @@ async fn start_receiver(rx: Receiver) -> Res<SocketAddr> {
 }
 
 fn spec_json(schedule: &str, hook: &str) -> String {
+    spec_with_callback(
+        schedule,
+        &format!(
+            "{{\"http\":{{\"url\":\"{hook}\",\"method\":\"POST\",\
+             \"headers\":{{\"X-Team\":\"web\"}},\"timeout_ms\":5000}}}}"
+        ),
+    )
+}
+
+fn spec_with_callback(schedule: &str, callback: &str) -> String {
     format!(
-        "{{\"schedule\":\"{schedule}\",\"timezone\":\"UTC\",\"callback\":{{\"http\":{{\"url\":\"{hook}\",\
-         \"method\":\"POST\",\"headers\":{{\"X-Team\":\"web\"}},\"timeout_ms\":5000}}}},\
+        "{{\"schedule\":\"{schedule}\",\"timezone\":\"UTC\",\"callback\":{callback},\
          \"payload\":{{\"replicas\":12,\"tier\":\"web\"}},\"retry\":{{\"max_attempts\":5,\
          \"initial_backoff_ms\":1000,\"max_backoff_ms\":60000}}}}"
     )
@@ -221,6 +245,17 @@ async fn insert_jobs(
     n: usize,
     hook: &str,
     schedule: impl Fn(usize) -> String,
+    anchor: impl Fn(usize) -> i64,
+    next: impl Fn(usize) -> i64,
+) -> Res<()> {
+    insert_specs(db, n, |i| spec_json(&schedule(i), hook), anchor, next).await
+}
+
+/// Inserts `n` jobs; job i has `spec(i)` and first fire `next(i)`.
+async fn insert_specs(
+    db: &str,
+    n: usize,
+    spec: impl Fn(usize) -> String,
     anchor: impl Fn(usize) -> i64,
     next: impl Fn(usize) -> i64,
 ) -> Res<()> {
@@ -240,7 +275,7 @@ async fn insert_jobs(
             q = q
                 .bind(id.clone())
                 .bind(i64::from(chime::job::slot_of(&id)))
-                .bind(spec_json(&schedule(i), hook))
+                .bind(spec(i))
                 .bind(anchor(i))
                 .bind(next(i))
                 .bind(anchor(i))
@@ -446,6 +481,161 @@ async fn firing(runs: usize, rates: &[usize], nodes: usize) -> Res<()> {
     Ok(())
 }
 
+/// Answers 503 to everything (an instance Consul still believes healthy), counting requests.
+async fn start_failing_receiver(count: Arc<AtomicU64>) -> Res<SocketAddr> {
+    let app = axum::Router::new().fallback(move || {
+        let count = count.clone();
+        async move {
+            count.fetch_add(1, Ordering::Relaxed);
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
+struct GrpcReceiver(Receiver);
+
+#[tonic::async_trait]
+impl chime::pb::callback_service_server::CallbackService for GrpcReceiver {
+    async fn fire(
+        &self,
+        request: tonic::Request<chime::pb::FireRequest>,
+    ) -> Result<tonic::Response<chime::pb::FireResponse>, tonic::Status> {
+        let arrived = now_us();
+        let ms = request.get_ref().scheduled_at_ms;
+        self.0
+            .delays_us
+            .lock()
+            .unwrap()
+            .push((ms, arrived - ms * 1000));
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+        Ok(tonic::Response::new(chime::pb::FireResponse {}))
+    }
+}
+
+async fn start_grpc_receiver(rx: Receiver) -> Res<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let svc = chime::pb::callback_service_server::CallbackServiceServer::new(GrpcReceiver(rx));
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming)
+            .await
+    });
+    Ok(addr)
+}
+
+async fn delivery(runs: usize, rate: usize) -> Res<()> {
+    println!(
+        "\n## delivery at {rate} fires/s: one node on MariaDB, R jobs `@every 1s` spread over the second"
+    );
+    println!(
+        "| via | run | delivered/s | delay p50 ms | p99 ms | max ms | attempts to the failing instance |\n|---|---|---|---|---|---|---|"
+    );
+    const WARMUP: Duration = Duration::from_secs(5);
+    const WINDOW: Duration = Duration::from_secs(15);
+    let mut summary = Vec::new();
+    for via in ["http", "grpc", "consul, 1 of 3 failing"] {
+        let (mut achieved, mut p50s, mut p99s, mut maxs, mut absorbed) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for run in 1..=runs {
+            let receiver = Receiver::default();
+            let failing = Arc::new(AtomicU64::new(0));
+            let mut extra: Vec<String> = Vec::new();
+            let mut _consul = None;
+            let callback = match via {
+                "http" => {
+                    let addr = start_receiver(receiver.clone()).await?;
+                    format!(
+                        "{{\"http\":{{\"url\":\"http://{addr}/hook\",\"method\":\"POST\",\"timeout_ms\":5000}}}}"
+                    )
+                }
+                "grpc" => {
+                    let addr = start_grpc_receiver(receiver.clone()).await?;
+                    format!("{{\"grpc\":{{\"target\":\"http://{addr}\",\"timeout_ms\":5000}}}}")
+                }
+                _ => {
+                    let double = consul::ConsulDouble::start().await;
+                    for i in 0..2 {
+                        let addr = start_receiver(receiver.clone()).await?;
+                        double.add_instance("web", &format!("web-{i}"), "127.0.0.1", addr.port());
+                    }
+                    let bad = start_failing_receiver(failing.clone()).await?;
+                    double.add_instance("web", "web-bad", "127.0.0.1", bad.port());
+                    extra = vec!["--consul-addr".into(), double.url()];
+                    _consul = Some(double);
+                    "{\"http\":{\"url\":\"consul://web/hook\",\"method\":\"POST\",\"timeout_ms\":5000}}".to_string()
+                }
+            };
+            let db = fresh_db("chime_bench_delivery").await?;
+            let base = chrono::Utc::now().timestamp_millis() + 3_000;
+            let anchor = |i: usize| base + (i * 1000 / rate) as i64 - 1000;
+            insert_specs(
+                &db,
+                rate,
+                |_| spec_with_callback("@every 1s", &callback),
+                anchor,
+                |i| anchor(i) + 1000,
+            )
+            .await?;
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            let node = Node::start_with(&db, "n1", None, &extra).await?;
+            tokio::time::sleep(WARMUP).await;
+            let from_ms = chrono::Utc::now().timestamp_millis();
+            let failing_from = failing.load(Ordering::Relaxed);
+            tokio::time::sleep(WINDOW).await;
+            let to_ms = chrono::Utc::now().timestamp_millis() - 1000;
+            let failing_in_window = failing.load(Ordering::Relaxed) - failing_from;
+            // Retries of the window's last fires need their backoff (up to ~1 s) to land.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let mut delays: Vec<f64> = receiver
+                .delays_us
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(ms, _)| *ms >= from_ms && *ms < to_ms)
+                .map(|(_, d)| *d as f64 / 1000.0)
+                .collect();
+            drop(node);
+            delays.sort_by(f64::total_cmp);
+            let got = delays.len() as f64 / ((to_ms - from_ms) as f64 / 1000.0);
+            let (p50, p99, max) = (
+                percentile(&delays, 0.5),
+                percentile(&delays, 0.99),
+                delays.last().copied().unwrap_or(f64::NAN),
+            );
+            println!(
+                "| {via} | {run} | {got:.0} | {p50:.2} | {p99:.2} | {max:.1} | {failing_in_window} |"
+            );
+            achieved.push(got);
+            p50s.push(p50);
+            p99s.push(p99);
+            maxs.push(max);
+            absorbed.push(failing_in_window as f64);
+        }
+        summary.push((
+            via,
+            median(achieved),
+            median(p50s),
+            median(p99s),
+            median(maxs),
+            median(absorbed),
+        ));
+    }
+    println!(
+        "\n| via | delivered/s (median) | p50 ms | p99 ms | max ms | attempts to the failing instance |\n|---|---|---|---|---|---|"
+    );
+    for (via, got, p50, p99, max, bad) in summary {
+        println!("| {via} | {got:.0} | {p50:.2} | {p99:.2} | {max:.1} | {bad:.0} |");
+    }
+    Ok(())
+}
+
 /// Until `node` sees `n` members whose leases match the ring.
 async fn wait_converged(node: &Node, n: usize) -> Res<Duration> {
     let started = Instant::now();
@@ -557,6 +747,9 @@ async fn main() -> Res<()> {
     }
     if which == "cluster" || which == "all" {
         firing(runs, &rates, 3).await?;
+    }
+    if which == "delivery" || which == "all" {
+        delivery(runs, jobs.unwrap_or(5_000)).await?;
     }
     if which == "rebalance" || which == "all" {
         for n in jobs

@@ -134,6 +134,9 @@ async fn connect(
 /// apart from a receiver's answer.
 fn classify(status: tonic::Status, timeout_ms: u64) -> AttemptError {
     let mut source = std::error::Error::source(&status);
+    // A status the receiver sent has no source; one with a source was made by tonic from a
+    // local transport failure (connect, TLS, h2 protocol, reset), not an answer.
+    let local = source.is_some();
     let mut connect = false;
     while let Some(s) = source {
         if let Some(refused) = s.downcast_ref::<Refused>() {
@@ -153,6 +156,13 @@ fn classify(status: tonic::Status, timeout_ms: u64) -> AttemptError {
         .collect();
     if connect {
         return AttemptError::Connect(format!("cannot connect: {}", message.trim()));
+    }
+    if local {
+        return AttemptError::Transport(format!(
+            "gRPC transport failed ({:?}): {}",
+            status.code(),
+            message.trim()
+        ));
     }
     AttemptError::Grpc {
         code: status.code(),

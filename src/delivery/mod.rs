@@ -115,6 +115,11 @@ pub struct DeliveryConfig {
 pub enum DeliveryError {
     #[error("consul_addr: {0}")]
     Consul(String),
+    #[error(
+        "cannot set up the callback HTTP client: {0} (is the ca-certificates package installed, \
+         or SSL_CERT_FILE pointing at a readable CA bundle?)"
+    )]
+    HttpClient(String),
 }
 
 /// Starts the dispatcher and the outcome recorder (and Consul watches, as services are
@@ -140,7 +145,15 @@ pub fn spawn(
         }))
         .user_agent(concat!("chime/", env!("CARGO_PKG_VERSION")))
         .build()
-        .expect("a client with static settings builds");
+        .map_err(|e| {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg = format!("{msg}: {s}");
+                source = s.source();
+            }
+            DeliveryError::HttpClient(msg)
+        })?;
     let consul = match &config.consul_addr {
         Some(addr) => Some(
             Consul::new(addr, cancel.clone(), tracker.clone()).map_err(DeliveryError::Consul)?,

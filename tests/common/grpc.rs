@@ -90,12 +90,29 @@ impl CallbackService for Service {
 
 pub struct GrpcReceiver {
     addr: std::net::SocketAddr,
+    tls: bool,
     shared: Arc<Shared>,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl GrpcReceiver {
     pub async fn start(script: GrpcScript) -> GrpcReceiver {
+        GrpcReceiver::spawn(script, None).await
+    }
+
+    /// A receiver that speaks only TLS, presenting `cert_pem` (the leaf first, then any
+    /// intermediates) with the private key `key_pem`; [`GrpcReceiver::target`] is then
+    /// `https://localhost:PORT`, so the certificate must name `localhost`.
+    pub async fn start_tls(script: GrpcScript, cert_pem: &str, key_pem: &str) -> GrpcReceiver {
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+        GrpcReceiver::spawn(script, Some(tls)).await
+    }
+
+    async fn spawn(
+        script: GrpcScript,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> GrpcReceiver {
         let shared = Arc::new(Shared {
             script: Mutex::new(script),
             requests: Mutex::new(Vec::new()),
@@ -106,8 +123,15 @@ impl GrpcReceiver {
         let addr = listener.local_addr().expect("receiver address");
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let svc = CallbackServiceServer::new(Service(shared.clone()));
+        let is_tls = tls.is_some();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls)
+                .expect("a valid server certificate and key");
+        }
         let server = tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            builder
                 .add_service(svc)
                 .serve_with_incoming(incoming)
                 .await
@@ -115,14 +139,20 @@ impl GrpcReceiver {
         });
         GrpcReceiver {
             addr,
+            tls: is_tls,
             shared,
             server,
         }
     }
 
-    /// The `callback.grpc.target` to give a job.
+    /// The `callback.grpc.target` to give a job: `http://127.0.0.1:PORT`, or
+    /// `https://localhost:PORT` for a receiver started with [`GrpcReceiver::start_tls`].
     pub fn target(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     pub fn port(&self) -> u16 {

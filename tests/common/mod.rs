@@ -334,6 +334,19 @@ impl Chime {
     /// Spawns `chime serve` on `db` with `extra` flags and waits until `/readyz` is 200.
     /// A `--api-token T` in `extra` is sent with every request made through this handle.
     pub async fn start(db: &Db, node_id: &str, extra: &[&str]) -> Chime {
+        Chime::start_with_env(db, node_id, extra, &[]).await
+    }
+
+    /// [`Chime::start`], with the process environment changed by `envs`, applied last (after
+    /// the `CHIME_*` variables are cleared and `CHIME_LOG` is set): `(name, Some(value))` sets
+    /// a variable, `(name, None)` removes one the test's own environment would pass on (e.g.
+    /// `SSL_CERT_FILE`).
+    pub async fn start_with_env(
+        db: &Db,
+        node_id: &str,
+        extra: &[&str],
+        envs: &[(&str, Option<&str>)],
+    ) -> Chime {
         let cwd = tempfile::tempdir().expect("create a tempdir");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chime"));
         // Settings must come from the flags below only, never from the test's environment.
@@ -357,6 +370,12 @@ impl Chime {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        for (key, value) in envs {
+            match value {
+                Some(v) => cmd.env(key, v),
+                None => cmd.env_remove(key),
+            };
+        }
         let mut child = cmd.spawn().expect("spawn the chime binary");
         let stderr = child.stderr.take().expect("stderr is piped");
         let logs = Arc::new(Mutex::new(Vec::new()));
