@@ -254,3 +254,66 @@ async fn grpc_callbacks_balance_over_a_consul_service() {
         b.count()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_instance_is_avoided_on_retry_and_then_ejected() {
+    let db = fresh_sqlite();
+    let consul = ConsulDouble::start().await;
+    // Consul still lists the bad one as passing: its own check has not noticed yet.
+    let good = Receiver::start(Script::always(200)).await;
+    let bad = Receiver::start(Script::always(503)).await;
+    for (id, rx) in [("good", &good), ("bad", &bad)] {
+        let port = rx
+            .url()
+            .split(':')
+            .nth(2)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        consul.add_instance("pay", id, "127.0.0.1", port);
+    }
+    let node = Chime::start(&db, "n1", &["--consul-addr", &consul.url()]).await;
+    for j in 0..10 {
+        let mut job = http_job("@every 1s", "consul://pay/hook");
+        job["retry"] = json!({"max_attempts": 5, "initial_backoff_ms": 100, "max_backoff_ms": 200});
+        assert_eq!(node.put(&format!("/v1/jobs/p-{j}"), &job).await.status, 201);
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let bad_reqs = bad.requests();
+    assert!(!bad_reqs.is_empty(), "the bad instance was tried");
+    // Every fire that failed on the bad instance was retried on the good one.
+    let good_keys: std::collections::HashMap<String, Vec<u64>> =
+        good.requests().iter().fold(Default::default(), |mut m, r| {
+            m.entry(r.idempotency_key().to_string())
+                .or_default()
+                .push(r.attempt());
+            m
+        });
+    for r in &bad_reqs {
+        let next = good_keys.get(r.idempotency_key()).unwrap_or_else(|| {
+            panic!(
+                "{} failed on the bad instance and never reached the good one",
+                r.idempotency_key()
+            )
+        });
+        assert!(
+            next.contains(&(r.attempt() + 1)),
+            "the retry after {r:?} went to the other instance: {next:?}"
+        );
+    }
+    // Three failures in a row eject it: 10 jobs a second would otherwise send it ~half.
+    let seconds = 6;
+    assert!(
+        bad_reqs.len() < 10 * seconds / 4,
+        "{} requests reached the failing instance in {seconds} s",
+        bad_reqs.len()
+    );
+    let failed = node.get("/v1/executions?status=failed").await;
+    assert!(
+        failed.json["executions"].as_array().unwrap().is_empty(),
+        "{failed}"
+    );
+}

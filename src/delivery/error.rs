@@ -57,6 +57,11 @@ impl AttemptError {
         self.is_retryable() && !matches!(self, AttemptError::NoInstance(_))
     }
 
+    /// Nothing reached the target: the attempt says nothing about its health.
+    pub fn nothing_sent(&self) -> bool {
+        matches!(self, AttemptError::NoInstance(_) | AttemptError::Refused(_))
+    }
+
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             AttemptError::Status { retry_after, .. } => *retry_after,

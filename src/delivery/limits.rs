@@ -93,30 +93,42 @@ impl TargetState {
         }
     }
 
-    /// Records an attempt's result: `downstream_failed` for failures that say the target is
-    /// unwell, as opposed to it answering (even with a rejection). Returns true when this
+    /// Records an attempt's result as a health signal: `Some(false)` for failures that say
+    /// the target is unwell, `Some(true)` for an answer (even a rejection), `None` when the
+    /// attempt says nothing about the target (nothing was sent). Returns true when this
     /// result opened the circuit.
-    pub fn record(&self, downstream_failed: bool, now: i64) -> bool {
+    pub fn record(&self, healthy: Option<bool>, now: i64) -> bool {
         let mut c = self.circuit.lock().expect("circuit lock");
-        if !downstream_failed {
-            *c = Circuit::Closed { failures: 0 };
-            return false;
-        }
         let first = FIRST_COOLDOWN.as_millis() as i64;
-        let (open, cooldown_ms) = match *c {
-            Circuit::Closed { failures } if failures + 1 >= OPEN_AFTER => (true, first),
-            Circuit::Closed { failures } => {
+        let (open, cooldown_ms) = match (healthy, &*c) {
+            (Some(true), _) => {
+                *c = Circuit::Closed { failures: 0 };
+                return false;
+            }
+            // A probe that could not be sent: let the next delivery probe instead.
+            (None, Circuit::HalfOpen { cooldown_ms, .. }) => {
+                *c = Circuit::HalfOpen {
+                    probing: false,
+                    cooldown_ms: *cooldown_ms,
+                };
+                return false;
+            }
+            (None, _) => return false,
+            (Some(false), Circuit::Closed { failures }) if failures + 1 >= OPEN_AFTER => {
+                (true, first)
+            }
+            (Some(false), Circuit::Closed { failures }) => {
                 *c = Circuit::Closed {
                     failures: failures + 1,
                 };
                 (false, 0)
             }
             // A failed probe: back off further.
-            Circuit::HalfOpen { cooldown_ms, .. } => {
+            (Some(false), Circuit::HalfOpen { cooldown_ms, .. }) => {
                 (true, (cooldown_ms * 2).min(MAX_COOLDOWN.as_millis() as i64))
             }
             // Attempts sent before the circuit opened keep failing: already open.
-            Circuit::Open { .. } => (false, 0),
+            (Some(false), Circuit::Open { .. }) => (false, 0),
         };
         if open {
             *c = Circuit::Open {
@@ -185,22 +197,25 @@ mod tests {
         let t = TargetState::new(4);
         let now = 1_000_000;
         for _ in 0..OPEN_AFTER - 1 {
-            assert!(!t.record(true, now));
+            assert!(!t.record(Some(false), now));
         }
         // A success in between resets the count.
-        t.record(false, now);
+        t.record(Some(true), now);
         for _ in 0..OPEN_AFTER - 1 {
-            assert!(!t.record(true, now));
+            assert!(!t.record(Some(false), now));
         }
         assert_eq!(t.admit(now), Admission::Send);
-        assert!(t.record(true, now), "the fifth failure in a row opens");
+        assert!(
+            t.record(Some(false), now),
+            "the fifth failure in a row opens"
+        );
         let until = now + FIRST_COOLDOWN.as_millis() as i64;
         assert_eq!(t.admit(now + 10), Admission::Defer(until));
         // Cool-down over: exactly one probe.
         assert_eq!(t.admit(until), Admission::Send);
         assert!(matches!(t.admit(until + 1), Admission::Defer(_)));
         // The probe fails: open again, twice as long.
-        assert!(t.record(true, until + 5));
+        assert!(t.record(Some(false), until + 5));
         assert_eq!(
             t.admit(until + 6),
             Admission::Defer(until + 5 + 2 * FIRST_COOLDOWN.as_millis() as i64)
@@ -208,10 +223,30 @@ mod tests {
         let later = until + 5 + 2 * FIRST_COOLDOWN.as_millis() as i64;
         assert_eq!(t.admit(later), Admission::Send);
         // The probe succeeds: closed.
-        t.record(false, later + 1);
+        t.record(Some(true), later + 1);
         assert_eq!(t.admit(later + 2), Admission::Send);
         assert_eq!(t.admit(later + 2), Admission::Send);
         assert!(!t.is_open());
+    }
+
+    #[test]
+    fn a_probe_that_was_not_sent_hands_over_and_neutral_results_change_nothing() {
+        let t = TargetState::new(1);
+        for _ in 0..OPEN_AFTER - 1 {
+            t.record(Some(false), 0);
+        }
+        // "No instance" or "refused" says nothing about the target: no reset, no count.
+        t.record(None, 0);
+        assert!(t.record(Some(false), 0), "still the fifth failure in a row");
+        let until = FIRST_COOLDOWN.as_millis() as i64;
+        assert_eq!(t.admit(until), Admission::Send);
+        assert!(matches!(t.admit(until), Admission::Defer(_)));
+        t.record(None, until);
+        assert_eq!(
+            t.admit(until + 1),
+            Admission::Send,
+            "the next delivery probes"
+        );
     }
 
     #[test]
@@ -219,7 +254,7 @@ mod tests {
         let t = TargetState::new(1);
         let mut now = 0;
         for _ in 0..OPEN_AFTER {
-            t.record(true, now);
+            t.record(Some(false), now);
         }
         for _ in 0..20 {
             let Admission::Defer(until) = t.admit(now) else {
@@ -228,7 +263,7 @@ mod tests {
             assert!(until - now <= MAX_COOLDOWN.as_millis() as i64);
             now = until;
             assert_eq!(t.admit(now), Admission::Send);
-            t.record(true, now);
+            t.record(Some(false), now);
         }
     }
 }

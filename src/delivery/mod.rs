@@ -378,32 +378,39 @@ struct AttemptCtx {
 }
 
 impl AttemptCtx {
-    async fn run(self, mut task: DeliveryTask) {
+    async fn run(self, task: DeliveryTask) {
+        if let Some((task, result)) = self.attempt(task).await {
+            let _ = self.outcome_tx.send((task, result));
+        } else {
+            // Not sent: if this was the breaker's probe, the next delivery probes instead.
+            self.target.record(None, now_ms());
+        }
+    }
+
+    /// Waits for the permits and makes the attempt; None if it was not made.
+    async fn attempt(&self, mut task: DeliveryTask) -> Option<(DeliveryTask, AttemptResult)> {
         // The target's permit first: waiting for it must not hold one of the node's.
-        let permits = tokio::select! {
-            p = self.target.permits.clone().acquire_owned() => p,
-            _ = self.cancel.cancelled() => return,
+        let _target_permit = tokio::select! {
+            p = self.target.permits.clone().acquire_owned() => p.ok()?,
+            _ = self.cancel.cancelled() => return None,
         };
-        let node_permit = tokio::select! {
-            p = self.transports.permits.clone().acquire_owned() => p,
-            _ = self.cancel.cancelled() => return,
-        };
-        let (Ok(_target_permit), Ok(_node_permit)) = (permits, node_permit) else {
-            return;
+        let _node_permit = tokio::select! {
+            p = self.transports.permits.clone().acquire_owned() => p.ok()?,
+            _ = self.cancel.cancelled() => return None,
         };
         if !self.leases.holds(task.slot) {
-            return;
+            return None;
         }
         if !task.attempt_persisted {
             match self.store.begin_attempt(&task.key, task.attempt).await {
                 Ok(true) => task.attempt_persisted = true,
                 // Job deleted, or the delivery finished elsewhere: nothing to send.
-                Ok(false) => return,
+                Ok(false) => return None,
                 Err(e) => {
                     tracing::warn!(error = %e, job_id = %task.key.job_id, "cannot persist attempt number, retrying in 1s");
                     task.due = now_ms() + 1000;
                     self.requeue.submit(vec![task]);
-                    return;
+                    return None;
                 }
             }
         }
@@ -412,8 +419,12 @@ impl AttemptCtx {
             metrics::DELIVERY_DELAY_SECONDS
                 .observe((now_ms() - task.key.scheduled_at).max(0) as f64 / 1000.0);
         }
-        let downstream_failed = matches!(&result, Err(e) if e.is_downstream_failure());
-        if self.target.record(downstream_failed, now_ms()) {
+        let healthy = match &result {
+            Ok(_) => Some(true),
+            Err(e) if e.nothing_sent() => None,
+            Err(e) => Some(!e.is_downstream_failure()),
+        };
+        if self.target.record(healthy, now_ms()) {
             tracing::warn!(job_id = %task.key.job_id, target = %target_key(&task.target), "target keeps failing; circuit opened, its deliveries wait");
         }
         if let Some(id) = failed_instance
@@ -421,7 +432,7 @@ impl AttemptCtx {
         {
             task.avoid.push(id);
         }
-        let _ = self.outcome_tx.send((task, result));
+        Some((task, result))
     }
 
     /// One attempt; for a Consul target also the instance that failed it, if one did.
@@ -488,7 +499,9 @@ impl AttemptCtx {
             };
             let result = self.send_to(task, &a, &url, &picked).await;
             let healthy = !matches!(&result, Err(e) if e.is_downstream_failure());
-            picked.report(healthy);
+            if !matches!(&result, Err(e) if e.nothing_sent()) {
+                picked.report(healthy);
+            }
             let id = picked.instance().id.clone();
             match result {
                 Err(AttemptError::Connect(msg)) if !avoid.contains(&id) && avoid.len() < 8 => {
