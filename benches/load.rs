@@ -2,7 +2,8 @@
 //! loopback inside this process.
 //!
 //!     cargo bench --bench load -- [registration|memory|firing|cluster|delivery|rebalance|all] [--runs N] [--jobs N]
-//!                                 [--rates 1000,5000,10000]
+//!                                 [--rates 1000,5000,10000] [--sqlite] [--via http|grpc|consul]
+//!                                 (--sqlite and --via: delivery only)
 //!
 //! - registration: PUT /v1/jobs/{id} for N jobs (default 100,000) with 64 concurrent
 //!   clients: throughput and latency percentiles.
@@ -64,6 +65,20 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     percentile(&v, 0.5)
+}
+
+/// A fresh SQLite database file, migrated: the single-node embedded default.
+fn fresh_sqlite(dir: &std::path::Path) -> Res<String> {
+    sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}?mode=rwc", dir.join("chime.db").display());
+    let status = Command::new(CHIME)
+        .args(["migrate", "--database-url", &url])
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        return Err("chime migrate failed".into());
+    }
+    Ok(url)
 }
 
 async fn fresh_db(name: &str) -> Res<String> {
@@ -530,9 +545,14 @@ async fn start_grpc_receiver(rx: Receiver) -> Res<SocketAddr> {
     Ok(addr)
 }
 
-async fn delivery(runs: usize, rate: usize) -> Res<()> {
+async fn delivery(runs: usize, rate: usize, sqlite: bool, only: Option<&str>) -> Res<()> {
+    let store = if sqlite {
+        "SQLite (embedded)"
+    } else {
+        "MariaDB"
+    };
     println!(
-        "\n## delivery at {rate} fires/s: one node on MariaDB, R jobs `@every 1s` spread over the second"
+        "\n## delivery at {rate} fires/s: one node on {store}, R jobs `@every 1s` spread over the second"
     );
     println!(
         "| via | run | delivered/s | delay p50 ms | p99 ms | max ms | attempts to the failing instance |\n|---|---|---|---|---|---|---|"
@@ -541,6 +561,9 @@ async fn delivery(runs: usize, rate: usize) -> Res<()> {
     const WINDOW: Duration = Duration::from_secs(15);
     let mut summary = Vec::new();
     for via in ["http", "grpc", "consul, 1 of 3 failing"] {
+        if only.is_some_and(|o| !via.starts_with(o)) {
+            continue;
+        }
         let (mut achieved, mut p50s, mut p99s, mut maxs, mut absorbed) =
             (vec![], vec![], vec![], vec![], vec![]);
         for run in 1..=runs {
@@ -572,7 +595,12 @@ async fn delivery(runs: usize, rate: usize) -> Res<()> {
                     "{\"http\":{\"url\":\"consul://web/hook\",\"method\":\"POST\",\"timeout_ms\":5000}}".to_string()
                 }
             };
-            let db = fresh_db("chime_bench_delivery").await?;
+            let tmp = tempfile::tempdir()?;
+            let db = if sqlite {
+                fresh_sqlite(tmp.path())?
+            } else {
+                fresh_db("chime_bench_delivery").await?
+            };
             let base = chrono::Utc::now().timestamp_millis() + 3_000;
             let anchor = |i: usize| base + (i * 1000 / rate) as i64 - 1000;
             insert_specs(
@@ -583,6 +611,9 @@ async fn delivery(runs: usize, rate: usize) -> Res<()> {
                 |i| anchor(i) + 1000,
             )
             .await?;
+            if let Ok(more) = std::env::var("CHIME_BENCH_NODE_ARGS") {
+                extra.extend(more.split_whitespace().map(str::to_string));
+            }
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             let node = Node::start_with(&db, "n1", None, &extra).await?;
             tokio::time::sleep(WARMUP).await;
@@ -712,11 +743,15 @@ async fn main() -> Res<()> {
     let mut runs = 3;
     let mut jobs: Option<usize> = None;
     let mut rates = vec![1_000, 5_000, 10_000];
+    let mut sqlite = false;
+    let mut via: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().ok_or("--runs N")?.parse()?,
             "--jobs" => jobs = Some(it.next().ok_or("--jobs N")?.parse()?),
+            "--sqlite" => sqlite = true,
+            "--via" => via = Some(it.next().ok_or("--via http|grpc|consul")?.clone()),
             "--rates" => {
                 rates = it
                     .next()
@@ -749,7 +784,7 @@ async fn main() -> Res<()> {
         firing(runs, &rates, 3).await?;
     }
     if which == "delivery" || which == "all" {
-        delivery(runs, jobs.unwrap_or(5_000)).await?;
+        delivery(runs, jobs.unwrap_or(5_000), sqlite, via.as_deref()).await?;
     }
     if which == "rebalance" || which == "all" {
         for n in jobs
