@@ -157,15 +157,6 @@ pub enum Callback {
     Grpc(GrpcCallback),
 }
 
-impl Callback {
-    pub fn timeout_ms(&self) -> u64 {
-        match self {
-            Callback::Http(h) => h.timeout_ms,
-            Callback::Grpc(g) => g.timeout_ms,
-        }
-    }
-}
-
 /// A gRPC callback: `CallbackService/Fire` at `target` (`http://host:port`,
 /// `https://host:port` or `consul://<service>`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -183,7 +174,7 @@ pub struct TargetRules {
 }
 
 /// Consul service names: DNS labels (Consul warns about anything else), at most 255 bytes.
-pub fn validate_consul_service(name: &str) -> Result<(), String> {
+fn validate_consul_service(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 255 {
         return Err("the consul service name must be 1-255 characters".into());
     }

@@ -591,6 +591,7 @@ async fn executions_list_by_status_across_jobs(store: Store) {
 
 async fn a_dead_letter_is_redriven_with_a_fresh_budget(store: Store) {
     let l = leased(&store, "n1").await;
+    let epoch = l[&chime::job::slot_of("d")];
     store.insert_job(&job("d", 0)).await.unwrap();
     store
         .record_fires("n1", &[fire("d", 10), fire("d", 20)], &[], &l)
@@ -616,14 +617,26 @@ async fn a_dead_letter_is_redriven_with_a_fresh_budget(store: Store) {
 
     // Only a failed delivery can be re-driven.
     assert!(matches!(
-        store.redrive(&key(20), 5, 1000).await.unwrap(),
+        store.redrive(&key(20), 5, 1000, "n1", epoch).await.unwrap(),
         Redrive::NotFailed(ExecStatus::Pending)
     ));
     assert!(matches!(
-        store.redrive(&key(99), 5, 1000).await.unwrap(),
+        store.redrive(&key(99), 5, 1000, "n1", epoch).await.unwrap(),
         Redrive::NotFound
     ));
-    let Redrive::Redriven(p) = store.redrive(&key(10), 5, 1000).await.unwrap() else {
+    // Fenced: another node, or this node at a stale epoch, may not re-drive it.
+    assert!(matches!(
+        store.redrive(&key(10), 5, 1000, "n2", epoch).await.unwrap(),
+        Redrive::NotOwner
+    ));
+    assert!(matches!(
+        store
+            .redrive(&key(10), 5, 1000, "n1", epoch - 1)
+            .await
+            .unwrap(),
+        Redrive::NotOwner
+    ));
+    let Redrive::Redriven(p) = store.redrive(&key(10), 5, 1000, "n1", epoch).await.unwrap() else {
         panic!("a failed delivery is re-driven")
     };
     assert_eq!(
@@ -639,7 +652,7 @@ async fn a_dead_letter_is_redriven_with_a_fresh_budget(store: Store) {
     assert_eq!((e.scheduled_at, e.status), (10, ExecStatus::Pending));
     // A second re-drive of the same delivery is refused while it is pending.
     assert!(matches!(
-        store.redrive(&key(10), 5, 1000).await.unwrap(),
+        store.redrive(&key(10), 5, 1000, "n1", epoch).await.unwrap(),
         Redrive::NotFailed(ExecStatus::Pending)
     ));
     // The budget survives a restart: the pending row carries it.

@@ -520,9 +520,21 @@ pub async fn retry_execution(
         job_id: id.as_str().into(),
         scheduled_at,
     };
+    let epoch = state
+        .leases
+        .epochs_of([rec.slot])
+        .get(&rec.slot)
+        .copied()
+        .ok_or_else(|| ApiError::unavailable("the job's slot is moving between nodes"))?;
     match state
         .store
-        .redrive(&key, job.target.retry.max_attempts, now_ms())
+        .redrive(
+            &key,
+            job.target.retry.max_attempts,
+            now_ms(),
+            &state.node_id,
+            epoch,
+        )
         .await?
     {
         Redrive::Redriven(pending) => {
@@ -542,6 +554,9 @@ pub async fn retry_execution(
                 .submit(crate::delivery::resume_tasks(vec![pending]));
             Ok((StatusCode::ACCEPTED, Json(view)).into_response())
         }
+        Redrive::NotOwner => Err(ApiError::unavailable(
+            "the job's slot is moving between nodes",
+        )),
         Redrive::NotFound => Err(ApiError::NotFound(format!(
             "job {id:?} has no execution {execution_id} (pruned, or never scheduled)"
         ))),

@@ -28,7 +28,7 @@ use rand::Rng;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use super::error::AttemptError;
 use crate::clock::now_ms;
@@ -48,6 +48,10 @@ const IDLE_STOP: Duration = Duration::from_secs(600);
 pub(crate) const EJECT_AFTER: u32 = 3;
 const FIRST_EJECTION: Duration = Duration::from_secs(10);
 const MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Services watched at once per node: each holds a long poll on the agent, whose
+/// `http_max_conns_per_client` (default 200) would otherwise be exhausted by job writers
+/// naming many services, starving the real ones.
+const MAX_SERVICES: usize = 64;
 /// More instances than this in one answer is not a real service; the rest are ignored.
 const MAX_INSTANCES: usize = 10_000;
 
@@ -73,26 +77,37 @@ impl FeaturedEndpoint for HealthService {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct HealthEntry {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     node: NodeInfo,
+    #[serde(default, deserialize_with = "null_as_default")]
     service: ServiceInfo,
+}
+
+/// `null` reads as the default, so one odd entry is skipped later rather than failing the
+/// whole answer.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct NodeInfo {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     address: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct ServiceInfo {
-    #[serde(rename = "ID", default)]
+    #[serde(rename = "ID", default, deserialize_with = "null_as_default")]
     id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     address: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     port: u32,
 }
 
@@ -218,7 +233,12 @@ impl Consul {
     /// Picks an instance of `service`, preferring ones not in `avoid` (those that just
     /// failed this delivery).
     pub async fn pick(&self, service: &str, avoid: &[Arc<str>]) -> Result<Picked, AttemptError> {
-        let svc = self.service(service);
+        let svc = self.service(service).ok_or_else(|| {
+            AttemptError::NoInstance(format!(
+                "consul service {service:?}: already watching {MAX_SERVICES} services, the most \
+                 one node watches; it is resolved once another one falls idle"
+            ))
+        })?;
         svc.last_used.store(now_ms(), Ordering::Relaxed);
         let mut rx = svc.instances.clone();
         let list = match tokio::time::timeout(FIRST_LIST_WAIT, rx.wait_for(Option::is_some)).await {
@@ -242,10 +262,13 @@ impl Consul {
             })
     }
 
-    fn service(&self, name: &str) -> Arc<Service> {
+    fn service(&self, name: &str) -> Option<Arc<Service>> {
         let mut services = self.inner.services.lock().expect("services lock");
         if let Some(s) = services.get(name) {
-            return s.clone();
+            return Some(s.clone());
+        }
+        if services.len() >= MAX_SERVICES {
+            return None;
         }
         let (tx, rx) = watch::channel(None);
         let svc = Arc::new(Service {
@@ -258,7 +281,7 @@ impl Consul {
         self.inner
             .tracker
             .spawn(async move { this.watch(name, tx).await });
-        svc
+        Some(svc)
     }
 
     /// Follows one service until shutdown or until nobody has used it for [`IDLE_STOP`].
@@ -358,14 +381,13 @@ impl Consul {
             passing: Some(true),
         };
         let client = self.inner.client.clone();
-        let mut call =
-            tokio::spawn(async move { consulrs::api::exec_with_result(&*client, endpoint).await });
+        // Aborted when dropped: a watch cancelled at shutdown takes its query with it.
+        let mut call = AbortOnDropHandle::new(tokio::spawn(async move {
+            consulrs::api::exec_with_result(&*client, endpoint).await
+        }));
         let joined = match tokio::time::timeout(QUERY_DEADLINE, &mut call).await {
             Ok(joined) => joined,
-            Err(_) => {
-                call.abort();
-                return Err(format!("no answer within {QUERY_DEADLINE:?}"));
-            }
+            Err(_) => return Err(format!("no answer within {QUERY_DEADLINE:?}")),
         };
         let response = match joined {
             Ok(Ok(r)) => r,
@@ -410,12 +432,7 @@ fn instances_of(
                 continue;
             }
         };
-        if host.is_empty()
-            || host.len() > 253
-            || host
-                .chars()
-                .any(|c| c.is_whitespace() || c == '/' || c == '@')
-        {
+        if !usable_host(&host) {
             tracing::warn!(service, instance = %e.service.id, "consul instance without a usable address; skipped");
             continue;
         }
@@ -426,8 +443,22 @@ fn instances_of(
             .clone();
         out.push(inst);
     }
-    known.retain(|_, i| out.iter().any(|o| Arc::ptr_eq(o, i)));
+    let listed: std::collections::HashSet<*const Instance> = out.iter().map(Arc::as_ptr).collect();
+    known.retain(|_, i| listed.contains(&Arc::as_ptr(i)));
     out
+}
+
+/// A host that can go into a URL as it is: an IP address or a DNS name, nothing that would
+/// change the URL's meaning (`#`, `?`, `/`, `@`, `%`, spaces).
+fn usable_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
 }
 
 /// Power of two choices over the instances not ejected and not in `avoid`; falls back to the
@@ -529,7 +560,10 @@ mod tests {
               {"Node":{"Address":"10.0.0.9"},"Service":{"ID":"b","Address":"10.0.0.2","Port":0}},
               {"Node":{"Address":"10.0.0.9"},"Service":{"ID":"c","Address":"10.0.0.3","Port":70000}},
               {"Node":{},"Service":{"ID":"d","Address":"evil/../x","Port":81}},
-              {"Service":{"ID":"e","Address":"::1","Port":82}}
+              {"Service":{"ID":"e","Address":"::1","Port":82}},
+              {"Node":null,"Service":{"ID":null,"Address":null,"Port":83}},
+              {"Node":{"Address":"h#x"},"Service":{"ID":"g","Address":"","Port":84}},
+              {"Service":null}
             ]"#,
         )
         .unwrap();

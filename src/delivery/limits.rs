@@ -20,7 +20,7 @@ pub(crate) const OPEN_AFTER: u32 = 5;
 const FIRST_COOLDOWN: Duration = Duration::from_secs(1);
 const MAX_COOLDOWN: Duration = Duration::from_secs(60);
 /// While a probe is out, other deliveries look again after this long.
-const PROBE_RECHECK: Duration = Duration::from_millis(200);
+const PROBE_RECHECK: Duration = Duration::from_secs(1);
 /// Targets unused this long are forgotten.
 const IDLE_TARGET: Duration = Duration::from_secs(600);
 
@@ -28,6 +28,9 @@ const IDLE_TARGET: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Admission {
     Send,
+    /// Send: this delivery is the half-open circuit's one probe, and must report back (a
+    /// probe that ends up not sent hands the role over with `record(None)`).
+    Probe,
     /// The circuit is open: try again at this time (unix ms).
     Defer(i64),
 }
@@ -63,6 +66,17 @@ impl TargetState {
         }
     }
 
+    /// Whether the circuit would hold deliveries back now (and until when), without taking
+    /// the probe role: a cheap filter before a delivery waits for a permit.
+    pub fn deferring(&self, now: i64) -> Option<i64> {
+        match *self.circuit.lock().expect("circuit lock") {
+            Circuit::Open { until, .. } if now < until => Some(until),
+            Circuit::HalfOpen { probing: true, .. } => Some(now + PROBE_RECHECK.as_millis() as i64),
+            _ => None,
+        }
+    }
+
+    /// Decides for one delivery about to be sent (call it once, with the permit in hand).
     pub fn admit(&self, now: i64) -> Admission {
         self.last_used
             .store(now, std::sync::atomic::Ordering::Relaxed);
@@ -74,7 +88,7 @@ impl TargetState {
                     probing: true,
                     cooldown_ms,
                 };
-                Admission::Send
+                Admission::Probe
             }
             Circuit::Open { until, .. } => Admission::Defer(until),
             Circuit::HalfOpen {
@@ -85,7 +99,7 @@ impl TargetState {
                     probing: true,
                     cooldown_ms,
                 };
-                Admission::Send
+                Admission::Probe
             }
             Circuit::HalfOpen { probing: true, .. } => {
                 Admission::Defer(now + PROBE_RECHECK.as_millis() as i64)
@@ -212,7 +226,7 @@ mod tests {
         let until = now + FIRST_COOLDOWN.as_millis() as i64;
         assert_eq!(t.admit(now + 10), Admission::Defer(until));
         // Cool-down over: exactly one probe.
-        assert_eq!(t.admit(until), Admission::Send);
+        assert_eq!(t.admit(until), Admission::Probe);
         assert!(matches!(t.admit(until + 1), Admission::Defer(_)));
         // The probe fails: open again, twice as long.
         assert!(t.record(Some(false), until + 5));
@@ -221,7 +235,7 @@ mod tests {
             Admission::Defer(until + 5 + 2 * FIRST_COOLDOWN.as_millis() as i64)
         );
         let later = until + 5 + 2 * FIRST_COOLDOWN.as_millis() as i64;
-        assert_eq!(t.admit(later), Admission::Send);
+        assert_eq!(t.admit(later), Admission::Probe);
         // The probe succeeds: closed.
         t.record(Some(true), later + 1);
         assert_eq!(t.admit(later + 2), Admission::Send);
@@ -239,12 +253,12 @@ mod tests {
         t.record(None, 0);
         assert!(t.record(Some(false), 0), "still the fifth failure in a row");
         let until = FIRST_COOLDOWN.as_millis() as i64;
-        assert_eq!(t.admit(until), Admission::Send);
+        assert_eq!(t.admit(until), Admission::Probe);
         assert!(matches!(t.admit(until), Admission::Defer(_)));
         t.record(None, until);
         assert_eq!(
             t.admit(until + 1),
-            Admission::Send,
+            Admission::Probe,
             "the next delivery probes"
         );
     }
@@ -262,7 +276,7 @@ mod tests {
             };
             assert!(until - now <= MAX_COOLDOWN.as_millis() as i64);
             now = until;
-            assert_eq!(t.admit(now), Admission::Send);
+            assert_eq!(t.admit(now), Admission::Probe);
             t.record(Some(false), now);
         }
     }

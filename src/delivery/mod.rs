@@ -44,6 +44,8 @@ use grpc::GrpcClients;
 use limits::{Admission, TargetState, Targets};
 
 const OUTCOME_BATCH: usize = 500;
+/// How often a delivery to a Consul service without a passing instance looks again.
+const NO_INSTANCE_RECHECK_MS: i64 = 1000;
 
 /// One attempt to make.
 #[derive(Debug, Clone)]
@@ -326,7 +328,7 @@ impl Dispatcher {
                 continue;
             }
             let target = self.transports.targets.get(&target_key(&task.target));
-            if let Admission::Defer(until) = target.admit(now) {
+            if let Some(until) = target.deferring(now) {
                 // Circuit open: not sent, not charged an attempt, looked at again later.
                 metrics::DELIVERIES_DEFERRED.inc();
                 task.due = until;
@@ -346,6 +348,30 @@ impl Dispatcher {
         }
         metrics::DELIVERIES_WAITING.set(self.waiting.len() as i64);
     }
+}
+
+/// Instances one attempt tries when they refuse the connection, before giving up.
+const MAX_INSTANCES_PER_ATTEMPT: usize = 3;
+
+/// The last instance tried could not be used: a refusal by the outbound policy must not
+/// dead-letter a delivery that other (or later) instances can take, so it stays retryable.
+fn no_instance_left(service: &str, last: AttemptError) -> AttemptError {
+    match last {
+        AttemptError::Refused(why) => AttemptError::Transport(format!(
+            "consul service {service:?}: no usable instance ({why})"
+        )),
+        other => other,
+    }
+}
+
+/// The service of a `consul://` target.
+fn consul_service(target: &Target) -> Option<String> {
+    let raw = match &target.callback {
+        Callback::Http(h) => &h.url,
+        Callback::Grpc(g) => &g.target,
+    };
+    let url = reqwest::Url::parse(raw).ok()?;
+    (url.scheme() == "consul").then(|| url.host_str().unwrap_or_default().to_string())
 }
 
 /// The limiting key of a target: `scheme://host:port` of a URL, `consul://<service>`.
@@ -379,21 +405,38 @@ struct AttemptCtx {
 
 impl AttemptCtx {
     async fn run(self, task: DeliveryTask) {
-        if let Some((task, result)) = self.attempt(task).await {
+        let mut probe = false;
+        if let Some((task, result)) = self.attempt(task, &mut probe).await {
             let _ = self.outcome_tx.send((task, result));
-        } else {
-            // Not sent: if this was the breaker's probe, the next delivery probes instead.
+        } else if probe {
+            // The breaker's probe was not sent after all: the next delivery probes instead.
             self.target.record(None, now_ms());
         }
     }
 
-    /// Waits for the permits and makes the attempt; None if it was not made.
-    async fn attempt(&self, mut task: DeliveryTask) -> Option<(DeliveryTask, AttemptResult)> {
+    /// Waits for the permits and makes the attempt; None if it was not made (the task is
+    /// re-queued, or it is not this node's to send any more).
+    async fn attempt(
+        &self,
+        mut task: DeliveryTask,
+        probe: &mut bool,
+    ) -> Option<(DeliveryTask, AttemptResult)> {
         // The target's permit first: waiting for it must not hold one of the node's.
         let _target_permit = tokio::select! {
             p = self.target.permits.clone().acquire_owned() => p.ok()?,
             _ = self.cancel.cancelled() => return None,
         };
+        // Decided only now: the circuit may have opened while this delivery waited.
+        match self.target.admit(now_ms()) {
+            Admission::Send => {}
+            Admission::Probe => *probe = true,
+            Admission::Defer(until) => {
+                metrics::DELIVERIES_DEFERRED.inc();
+                task.due = until;
+                self.requeue.submit(vec![task]);
+                return None;
+            }
+        }
         let _node_permit = tokio::select! {
             p = self.transports.permits.clone().acquire_owned() => p.ok()?,
             _ = self.cancel.cancelled() => return None,
@@ -401,6 +444,18 @@ impl AttemptCtx {
         if !self.leases.holds(task.slot) {
             return None;
         }
+        // A Consul service with no passing instance: nothing can be sent, so the delivery
+        // waits (re-checked every second) without being charged an attempt.
+        let picked = match self.pick_instance(&task).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(job_id = %task.key.job_id, error = %e, "delivery waits for a passing instance");
+                metrics::DELIVERIES_DEFERRED.inc();
+                task.due = now_ms() + NO_INSTANCE_RECHECK_MS;
+                self.requeue.submit(vec![task]);
+                return None;
+            }
+        };
         if !task.attempt_persisted {
             match self.store.begin_attempt(&task.key, task.attempt).await {
                 Ok(true) => task.attempt_persisted = true,
@@ -414,7 +469,7 @@ impl AttemptCtx {
                 }
             }
         }
-        let (result, failed_instance) = self.send(&task).await;
+        let (result, failed_instance) = self.send(&task, picked).await;
         if task.attempt == 1 {
             metrics::DELIVERY_DELAY_SECONDS
                 .observe((now_ms() - task.key.scheduled_at).max(0) as f64 / 1000.0);
@@ -424,7 +479,8 @@ impl AttemptCtx {
             Err(e) if e.nothing_sent() => None,
             Err(e) => Some(!e.is_downstream_failure()),
         };
-        if self.target.record(healthy, now_ms()) {
+        // Only the probe may hand its role over; other unsent attempts say nothing.
+        if (healthy.is_some() || *probe) && self.target.record(healthy, now_ms()) {
             tracing::warn!(job_id = %task.key.job_id, target = %target_key(&task.target), "target keeps failing; circuit opened, its deliveries wait");
         }
         if let Some(id) = failed_instance
@@ -435,8 +491,24 @@ impl AttemptCtx {
         Some((task, result))
     }
 
+    /// For a `consul://` target on a node with Consul: an instance to try first. The error
+    /// means the service has no passing instance now.
+    async fn pick_instance(&self, task: &DeliveryTask) -> Result<Option<Picked>, AttemptError> {
+        let Some(consul) = &self.transports.consul else {
+            return Ok(None);
+        };
+        match consul_service(&task.target) {
+            Some(service) => consul.pick(&service, &task.avoid).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// One attempt; for a Consul target also the instance that failed it, if one did.
-    async fn send(&self, task: &DeliveryTask) -> (AttemptResult, Option<Arc<str>>) {
+    async fn send(
+        &self,
+        task: &DeliveryTask,
+        first: Option<Picked>,
+    ) -> (AttemptResult, Option<Arc<str>>) {
         let t = &*task.target;
         let a = http::Attempt {
             job_id: &task.key.job_id,
@@ -480,33 +552,41 @@ impl AttemptCtx {
             };
             return (result, None);
         }
-        let Some(consul) = &self.transports.consul else {
+        let (Some(consul), Some(mut picked)) = (&self.transports.consul, first) else {
+            // Retryable: during a rolling change of --consul-addr another node may send it.
             return (
-                Err(AttemptError::Refused(
+                Err(AttemptError::Transport(
                     "consul:// target, but this node runs without --consul-addr".into(),
                 )),
                 None,
             );
         };
         let service = url.host_str().unwrap_or_default().to_string();
-        // Instances that refused the connection: nothing was sent, so the next one is tried
-        // within the same attempt.
-        let mut avoid = task.avoid.clone();
+        // Instances that could not be connected to, or are refused by the outbound policy:
+        // nothing was sent to them, so another one is tried within the same attempt.
+        let mut skipped: Vec<Arc<str>> = Vec::new();
         loop {
-            let picked = match consul.pick(&service, &avoid).await {
-                Ok(p) => p,
-                Err(e) => return (Err(e), None),
-            };
             let result = self.send_to(task, &a, &url, &picked).await;
+            let id = picked.instance().id.clone();
             let healthy = !matches!(&result, Err(e) if e.is_downstream_failure());
             if !matches!(&result, Err(e) if e.nothing_sent()) {
                 picked.report(healthy);
             }
-            let id = picked.instance().id.clone();
             match result {
-                Err(AttemptError::Connect(msg)) if !avoid.contains(&id) && avoid.len() < 8 => {
-                    tracing::debug!(service, instance = %id, error = %msg, "instance refused the connection; trying another");
-                    avoid.push(id);
+                Err(e @ (AttemptError::Connect(_) | AttemptError::Refused(_)))
+                    if skipped.len() < MAX_INSTANCES_PER_ATTEMPT =>
+                {
+                    tracing::debug!(service, instance = %id, error = %e, "instance not usable; trying another");
+                    skipped.push(id.clone());
+                    let avoid: Vec<Arc<str>> = task.avoid.iter().chain(&skipped).cloned().collect();
+                    match consul.pick(&service, &avoid).await {
+                        Ok(next) if !skipped.contains(&next.instance().id) => picked = next,
+                        // No other instance: report this one's failure.
+                        _ => return (Err(no_instance_left(&service, e)), Some(id)),
+                    }
+                }
+                Err(e @ (AttemptError::Connect(_) | AttemptError::Refused(_))) => {
+                    return (Err(no_instance_left(&service, e)), Some(id));
                 }
                 Err(e) => return (Err(e), (!healthy).then_some(id)),
                 Ok(s) => return (Ok(s), None),
@@ -635,7 +715,15 @@ fn outcome_of(task: &DeliveryTask, result: &AttemptResult) -> Outcome {
     match result {
         Ok(status) => Outcome::Succeeded { status: *status },
         Err(e) if e.is_retryable() && task.attempt < task.attempt_limit() => {
-            let delay = retry_delay(&task.target.retry, task.attempt, e.retry_after());
+            // A re-driven delivery's backoff starts over with its fresh budget.
+            let redriven_after = task
+                .attempt_limit
+                .map_or(0, |l| l.saturating_sub(task.target.retry.max_attempts));
+            let delay = retry_delay(
+                &task.target.retry,
+                task.attempt.saturating_sub(redriven_after).max(1),
+                e.retry_after(),
+            );
             Outcome::Retry {
                 next_attempt_at: now_ms() + delay.as_millis() as i64,
                 error: e.to_string(),

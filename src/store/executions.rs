@@ -127,6 +127,9 @@ pub enum Redrive {
     NotFound,
     /// Only a `failed` delivery can be re-driven.
     NotFailed(ExecStatus),
+    /// The job's slot lease is not (or no longer) this node's at the given epoch: the slot is
+    /// moving, and its next owner must do it.
+    NotOwner,
 }
 
 const PENDING_COLUMNS: &str = "e.job_id, e.scheduled_at, e.slot, e.attempts, e.next_attempt_at, \
@@ -481,26 +484,37 @@ impl Store {
     /// Makes a `failed` delivery pending again, due at `now`, allowed `extra_attempts` more
     /// attempts. Its snapshot is cleared, so it is sent with the job's current definition (a
     /// fixed URL takes effect); attempt numbers go on from where they stopped.
+    ///
+    /// Fenced like fires: only `node` holding the slot's lease at `epoch` may do it, so a
+    /// re-drive racing a handover is either seen by the next owner's load or refused.
     pub async fn redrive(
         &self,
         key: &ExecKey,
         extra_attempts: u32,
         now: i64,
+        node: &str,
+        epoch: i64,
     ) -> Result<Redrive, StoreError> {
         self.timed(OP_TIMEOUT, async move {
             let mut tx = self.pool.begin().await?;
-            let n = sqlx::query(
+            let sql = sqlx::AssertSqlSafe(format!(
                 "UPDATE executions SET status = 'pending', next_attempt_at = ?, request = '', \
                  attempt_limit = attempts + ? \
-                 WHERE job_id = ? AND scheduled_at = ? AND status = 'failed'",
-            )
-            .bind(now)
-            .bind(i64::from(extra_attempts))
-            .bind(key.job_id.to_string())
-            .bind(key.scheduled_at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+                 WHERE job_id = ? AND scheduled_at = ? AND status = 'failed' \
+                 AND EXISTS (SELECT 1 FROM slot_leases l WHERE l.slot = executions.slot \
+                 AND l.owner = ? AND l.epoch = ? AND l.expires_at > {})",
+                self.db_now()
+            ));
+            let n = sqlx::query(sql)
+                .bind(now)
+                .bind(i64::from(extra_attempts))
+                .bind(key.job_id.to_string())
+                .bind(key.scheduled_at)
+                .bind(node.to_string())
+                .bind(epoch)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             let result = if n == 1 {
                 let sql = sqlx::AssertSqlSafe(format!(
                     "SELECT {PENDING_COLUMNS} FROM executions e \
@@ -521,9 +535,10 @@ impl Store {
                 .bind(key.scheduled_at)
                 .fetch_optional(&mut *tx)
                 .await?;
-                match status {
+                match status.as_deref().map(ExecStatus::parse).transpose()? {
                     None => Redrive::NotFound,
-                    Some(s) => Redrive::NotFailed(ExecStatus::parse(&s)?),
+                    Some(ExecStatus::Failed) => Redrive::NotOwner,
+                    Some(s) => Redrive::NotFailed(s),
                 }
             };
             tx.commit().await?;
