@@ -262,6 +262,20 @@ impl Consul {
             })
     }
 
+    /// True when no instance of `service` is left to balance over (all ejected, or none
+    /// passing): only then is a failure the whole service's, for its circuit breaker.
+    pub fn exhausted(&self, service: &str) -> bool {
+        let services = self.inner.services.lock().expect("services lock");
+        let Some(svc) = services.get(service) else {
+            return true;
+        };
+        let now = now_ms();
+        svc.instances
+            .borrow()
+            .as_deref()
+            .is_none_or(|list| list.iter().all(|i| i.ejected(now)))
+    }
+
     fn service(&self, name: &str) -> Option<Arc<Service>> {
         let mut services = self.inner.services.lock().expect("services lock");
         if let Some(s) = services.get(name) {

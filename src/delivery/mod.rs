@@ -477,6 +477,9 @@ impl AttemptCtx {
         let healthy = match &result {
             Ok(_) => Some(true),
             Err(e) if e.nothing_sent() => None,
+            // One bad instance of a Consul service is ejection's business; the service's
+            // breaker opens only when no instance is left to fail over to.
+            Err(e) if e.is_downstream_failure() && !self.service_exhausted(&task) => None,
             Err(e) => Some(!e.is_downstream_failure()),
         };
         // Only the probe may hand its role over; other unsent attempts say nothing.
@@ -489,6 +492,14 @@ impl AttemptCtx {
             task.avoid.push(id);
         }
         Some((task, result))
+    }
+
+    /// For a non-Consul target always true: its one destination is the whole target.
+    fn service_exhausted(&self, task: &DeliveryTask) -> bool {
+        match (&self.transports.consul, consul_service(&task.target)) {
+            (Some(consul), Some(service)) => consul.exhausted(&service),
+            _ => true,
+        }
     }
 
     /// For a `consul://` target on a node with Consul: an instance to try first. The error
