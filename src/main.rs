@@ -106,7 +106,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("CHIME_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // consulrs and rustify log every request at info; their failures reach chime's own logs.
+    let filter = EnvFilter::try_from_env("CHIME_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,consulrs=warn,rustify=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
