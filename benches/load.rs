@@ -210,6 +210,28 @@ struct Receiver {
     count: Arc<AtomicU64>,
 }
 
+impl Receiver {
+    /// Over callbacks of fires scheduled in `[from_ms, to_ms)`: callbacks per second and
+    /// delay p50 / p99 / max in ms.
+    fn window(&self, from_ms: i64, to_ms: i64) -> (f64, f64, f64, f64) {
+        let mut delays: Vec<f64> = self
+            .delays_us
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(ms, _)| *ms >= from_ms && *ms < to_ms)
+            .map(|(_, d)| *d as f64 / 1000.0)
+            .collect();
+        delays.sort_by(f64::total_cmp);
+        (
+            delays.len() as f64 / ((to_ms - from_ms) as f64 / 1000.0),
+            percentile(&delays, 0.5),
+            percentile(&delays, 0.99),
+            delays.last().copied().unwrap_or(f64::NAN),
+        )
+    }
+}
+
 async fn start_receiver(rx: Receiver) -> Res<SocketAddr> {
     let app = axum::Router::new().route(
         "/hook",
@@ -457,22 +479,8 @@ async fn firing(runs: usize, rates: &[usize], nodes: usize) -> Res<()> {
             let to_ms = chrono::Utc::now().timestamp_millis() - 1000;
             // Only fires scheduled in the window, and only once their callbacks had time to land.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let mut delays: Vec<f64> = receiver
-                .delays_us
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(ms, _)| *ms >= from_ms && *ms < to_ms)
-                .map(|(_, d)| *d as f64 / 1000.0)
-                .collect();
             drop(cluster);
-            delays.sort_by(f64::total_cmp);
-            let got = delays.len() as f64 / ((to_ms - from_ms) as f64 / 1000.0);
-            let (p50, p99, max) = (
-                percentile(&delays, 0.5),
-                percentile(&delays, 0.99),
-                delays.last().copied().unwrap_or(f64::NAN),
-            );
+            let (got, p50, p99, max) = receiver.window(from_ms, to_ms);
             println!("| {rate} | {run} | {got:.0} | {p50:.2} | {p99:.2} | {max:.1} |");
             achieved.push(got);
             p50s.push(p50);
@@ -624,22 +632,8 @@ async fn delivery(runs: usize, rate: usize, sqlite: bool, only: Option<&str>) ->
             let failing_in_window = failing.load(Ordering::Relaxed) - failing_from;
             // Retries of the window's last fires need their backoff (up to ~1 s) to land.
             tokio::time::sleep(Duration::from_secs(3)).await;
-            let mut delays: Vec<f64> = receiver
-                .delays_us
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(ms, _)| *ms >= from_ms && *ms < to_ms)
-                .map(|(_, d)| *d as f64 / 1000.0)
-                .collect();
             drop(node);
-            delays.sort_by(f64::total_cmp);
-            let got = delays.len() as f64 / ((to_ms - from_ms) as f64 / 1000.0);
-            let (p50, p99, max) = (
-                percentile(&delays, 0.5),
-                percentile(&delays, 0.99),
-                delays.last().copied().unwrap_or(f64::NAN),
-            );
+            let (got, p50, p99, max) = receiver.window(from_ms, to_ms);
             println!(
                 "| {via} | {run} | {got:.0} | {p50:.2} | {p99:.2} | {max:.1} | {failing_in_window} |"
             );

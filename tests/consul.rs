@@ -13,6 +13,16 @@ use common::grpc::{GrpcReceiver, GrpcScript};
 use common::*;
 use serde_json::json;
 
+/// Three receivers answering 200, registered as passing instances `<service>-0..2`.
+async fn three_instances(consul: &ConsulDouble, service: &str) -> Vec<Receiver> {
+    let rxs: Vec<Receiver> =
+        futures::future::join_all((0..3).map(|_| Receiver::start(Script::always(200)))).await;
+    for (i, rx) in rxs.iter().enumerate() {
+        consul.add_instance(service, &format!("{service}-{i}"), "127.0.0.1", rx.port());
+    }
+    rxs
+}
+
 /// Waits until chime has asked again after the service's index moved past `index`: from
 /// then on every pick uses the new list.
 async fn next_round(consul: &ConsulDouble, service: &str, index: u64) {
@@ -30,21 +40,7 @@ async fn next_round(consul: &ConsulDouble, service: &str, index: u64) {
 async fn traffic_spreads_and_a_critical_instance_gets_nothing_after_the_next_round() {
     let db = fresh_sqlite();
     let consul = ConsulDouble::start().await;
-    let rxs: Vec<Receiver> =
-        futures::future::join_all((0..3).map(|_| Receiver::start(Script::always(200)))).await;
-    for (i, rx) in rxs.iter().enumerate() {
-        let port = rx
-            .url()
-            .split(':')
-            .nth(2)
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        consul.add_instance("web", &format!("web-{i}"), "127.0.0.1", port);
-    }
+    let rxs = three_instances(&consul, "web").await;
     let node = Chime::start(&db, "n1", &["--consul-addr", &consul.url()]).await;
     for j in 0..30 {
         let r = node
@@ -132,21 +128,7 @@ async fn traffic_spreads_and_a_critical_instance_gets_nothing_after_the_next_rou
 async fn with_every_instance_critical_deliveries_wait_and_none_is_lost() {
     let db = fresh_sqlite();
     let consul = ConsulDouble::start().await;
-    let rxs: Vec<Receiver> =
-        futures::future::join_all((0..3).map(|_| Receiver::start(Script::always(200)))).await;
-    for (i, rx) in rxs.iter().enumerate() {
-        let port = rx
-            .url()
-            .split(':')
-            .nth(2)
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        consul.add_instance("api", &format!("api-{i}"), "127.0.0.1", port);
-    }
+    let rxs = three_instances(&consul, "api").await;
     let node = Chime::start(&db, "n1", &["--consul-addr", &consul.url()]).await;
     for j in 0..10 {
         let mut job = http_job("@every 1s", "consul://api/fire");
@@ -263,17 +245,7 @@ async fn a_failing_instance_is_avoided_on_retry_and_then_ejected() {
     let good = Receiver::start(Script::always(200)).await;
     let bad = Receiver::start(Script::always(503)).await;
     for (id, rx) in [("good", &good), ("bad", &bad)] {
-        let port = rx
-            .url()
-            .split(':')
-            .nth(2)
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        consul.add_instance("pay", id, "127.0.0.1", port);
+        consul.add_instance("pay", id, "127.0.0.1", rx.port());
     }
     let node = Chime::start(&db, "n1", &["--consul-addr", &consul.url()]).await;
     for j in 0..10 {

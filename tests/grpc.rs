@@ -74,11 +74,18 @@ async fn a_fire_arrives_as_a_grpc_call_with_the_contract_fields() {
         "{timeout}"
     );
 
-    // More fires reuse the channel: all arrive, in order of trigger.
+    // More fires reuse the channel: all arrive over the one connection.
     for _ in 0..5 {
         trigger_and_settle(&node, "scale-web").await;
     }
-    assert_eq!(rx.count(), 6);
+    let got = rx.requests();
+    assert_eq!(got.len(), 6);
+    let peers: std::collections::BTreeSet<_> = got.iter().map(|r| r.peer).collect();
+    assert_eq!(peers.len(), 1, "one connection for all fires: {peers:?}");
+    assert!(
+        got[0].peer.is_some(),
+        "the receiver sees the client's address"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -312,13 +312,7 @@ pub async fn trigger(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     check_path_id(&id)?;
-    state.require_lease(&id)?;
-    let _guard = state.lock(&id).await;
-    let rec = state
-        .store
-        .get_job(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let (_guard, rec) = lock_existing(&state, &id).await?;
     let job = stored_job(&rec)?;
     let t = state.scheduler.trigger(job).await?;
     Ok((
@@ -331,6 +325,22 @@ pub async fn trigger(
         }),
     )
         .into_response())
+}
+
+/// For a write about an existing job: checks this node holds the job's slot, takes the
+/// job's lock, and reads the stored record under it (404 if there is none).
+async fn lock_existing<'a>(
+    state: &'a ApiState,
+    id: &str,
+) -> Result<(tokio::sync::MutexGuard<'a, ()>, JobRecord), ApiError> {
+    state.require_lease(id)?;
+    let guard = state.lock(id).await;
+    let rec = state
+        .store
+        .get_job(id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    Ok((guard, rec))
 }
 
 fn stored_job(rec: &JobRecord) -> Result<Arc<Job>, ApiError> {
@@ -355,13 +365,7 @@ pub async fn resume(
 
 async fn set_paused(state: ApiState, id: String, paused: bool) -> Result<Json<JobView>, ApiError> {
     check_path_id(&id)?;
-    state.require_lease(&id)?;
-    let _guard = state.lock(&id).await;
-    let rec = state
-        .store
-        .get_job(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let (_guard, rec) = lock_existing(&state, &id).await?;
     if rec.paused == paused {
         // Already so: resuming a running job must not restart its `@every` period.
         return Ok(Json(JobView::new(rec, &state.node_id)?));
@@ -508,13 +512,7 @@ pub async fn retry_execution(
                  milliseconds, as listed by GET /v1/jobs/{id}/executions"
             ))
         })?;
-    state.require_lease(&id)?;
-    let _guard = state.lock(&id).await;
-    let rec = state
-        .store
-        .get_job(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let (_guard, rec) = lock_existing(&state, &id).await?;
     let job = stored_job(&rec)?;
     let key = ExecKey {
         job_id: id.as_str().into(),

@@ -327,7 +327,8 @@ impl Dispatcher {
                 // The slot moved: its new owner loaded this delivery from the store.
                 continue;
             }
-            let target = self.transports.targets.get(&target_key(&task.target));
+            let dest = Destination::of(&task.target);
+            let target = self.transports.targets.get(&dest.key);
             if let Some(until) = target.deferring(now) {
                 // Circuit open: not sent, not charged an attempt, looked at again later.
                 metrics::DELIVERIES_DEFERRED.inc();
@@ -338,6 +339,7 @@ impl Dispatcher {
             let ctx = AttemptCtx {
                 store: self.store.clone(),
                 transports: self.transports.clone(),
+                dest,
                 target,
                 outcome_tx: self.outcome_tx.clone(),
                 requeue: self.requeue.clone(),
@@ -364,38 +366,49 @@ fn no_instance_left(service: &str, last: AttemptError) -> AttemptError {
     }
 }
 
-/// The service of a `consul://` target.
-fn consul_service(target: &Target) -> Option<String> {
-    let raw = match &target.callback {
-        Callback::Http(h) => &h.url,
-        Callback::Grpc(g) => &g.target,
-    };
-    let url = reqwest::Url::parse(raw).ok()?;
-    (url.scheme() == "consul").then(|| url.host_str().unwrap_or_default().to_string())
+/// Where a target points, parsed once per attempt.
+struct Destination {
+    /// The callback URL (`http(s)://…` or `consul://…`), or why it does not parse.
+    url: Result<reqwest::Url, String>,
+    /// What limits and breaks circuits: `scheme://host:port`, or `consul://<service>`.
+    key: String,
+    /// The service of a `consul://` target.
+    service: Option<String>,
 }
 
-/// The limiting key of a target: `scheme://host:port` of a URL, `consul://<service>`.
-fn target_key(target: &Target) -> String {
-    let raw = match &target.callback {
-        Callback::Http(h) => &h.url,
-        Callback::Grpc(g) => &g.target,
-    };
-    match reqwest::Url::parse(raw) {
-        Ok(u) => match u.port_or_known_default() {
-            Some(port) => format!(
-                "{}://{}:{port}",
-                u.scheme(),
-                u.host_str().unwrap_or_default()
-            ),
-            None => format!("{}://{}", u.scheme(), u.host_str().unwrap_or_default()),
-        },
-        Err(_) => raw.clone(),
+impl Destination {
+    fn of(target: &Target) -> Destination {
+        let raw = match &target.callback {
+            Callback::Http(h) => &h.url,
+            Callback::Grpc(g) => &g.target,
+        };
+        match reqwest::Url::parse(raw) {
+            Ok(u) => {
+                let host = u.host_str().unwrap_or_default();
+                let key = match u.port_or_known_default() {
+                    Some(port) => format!("{}://{host}:{port}", u.scheme()),
+                    None => format!("{}://{host}", u.scheme()),
+                };
+                let service = (u.scheme() == "consul").then(|| host.to_string());
+                Destination {
+                    url: Ok(u),
+                    key,
+                    service,
+                }
+            }
+            Err(e) => Destination {
+                url: Err(format!("bad target {raw}: {e}")),
+                key: raw.clone(),
+                service: None,
+            },
+        }
     }
 }
 
 struct AttemptCtx {
     store: Store,
     transports: Arc<Transports>,
+    dest: Destination,
     target: Arc<TargetState>,
     outcome_tx: OutcomeTx,
     requeue: DeliveryHandle,
@@ -446,7 +459,7 @@ impl AttemptCtx {
         }
         // A Consul service with no passing instance: nothing can be sent, so the delivery
         // waits (re-checked every second) without being charged an attempt.
-        let picked = match self.pick_instance(&task).await {
+        let picked = match self.pick_instance(&task.avoid).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(job_id = %task.key.job_id, error = %e, "delivery waits for a passing instance");
@@ -479,12 +492,12 @@ impl AttemptCtx {
             Err(e) if e.nothing_sent() => None,
             // One bad instance of a Consul service is ejection's business; the service's
             // breaker opens only when no instance is left to fail over to.
-            Err(e) if e.is_downstream_failure() && !self.service_exhausted(&task) => None,
+            Err(e) if e.is_downstream_failure() && !self.service_exhausted() => None,
             Err(e) => Some(!e.is_downstream_failure()),
         };
         // Only the probe may hand its role over; other unsent attempts say nothing.
         if (healthy.is_some() || *probe) && self.target.record(healthy, now_ms()) {
-            tracing::warn!(job_id = %task.key.job_id, target = %target_key(&task.target), "target keeps failing; circuit opened, its deliveries wait");
+            tracing::warn!(job_id = %task.key.job_id, target = %self.dest.key, "target keeps failing; circuit opened, its deliveries wait");
         }
         if let Some(id) = failed_instance
             && !task.avoid.contains(&id)
@@ -495,21 +508,21 @@ impl AttemptCtx {
     }
 
     /// For a non-Consul target always true: its one destination is the whole target.
-    fn service_exhausted(&self, task: &DeliveryTask) -> bool {
-        match (&self.transports.consul, consul_service(&task.target)) {
-            (Some(consul), Some(service)) => consul.exhausted(&service),
+    fn service_exhausted(&self) -> bool {
+        match (&self.transports.consul, &self.dest.service) {
+            (Some(consul), Some(service)) => consul.exhausted(service),
             _ => true,
         }
     }
 
     /// For a `consul://` target on a node with Consul: an instance to try first. The error
     /// means the service has no passing instance now.
-    async fn pick_instance(&self, task: &DeliveryTask) -> Result<Option<Picked>, AttemptError> {
+    async fn pick_instance(&self, avoid: &[Arc<str>]) -> Result<Option<Picked>, AttemptError> {
         let Some(consul) = &self.transports.consul else {
             return Ok(None);
         };
-        match consul_service(&task.target) {
-            Some(service) => consul.pick(&service, &task.avoid).await.map(Some),
+        match &self.dest.service {
+            Some(service) => consul.pick(service, avoid).await.map(Some),
             None => Ok(None),
         }
     }
@@ -529,20 +542,11 @@ impl AttemptCtx {
             payload: &t.payload,
             secret: t.secret.as_deref(),
         };
-        let raw = match &t.callback {
-            Callback::Http(h) => &h.url,
-            Callback::Grpc(g) => &g.target,
+        let url = match &self.dest.url {
+            Ok(u) => u.clone(),
+            Err(e) => return (Err(AttemptError::Refused(e.clone())), None),
         };
-        let url = match reqwest::Url::parse(raw) {
-            Ok(u) => u,
-            Err(e) => {
-                return (
-                    Err(AttemptError::Refused(format!("bad target {raw}: {e}"))),
-                    None,
-                );
-            }
-        };
-        if url.scheme() != "consul" {
+        if self.dest.service.is_none() {
             let result = match &t.callback {
                 Callback::Http(cb) => {
                     http::send(
@@ -572,7 +576,7 @@ impl AttemptCtx {
                 None,
             );
         };
-        let service = url.host_str().unwrap_or_default().to_string();
+        let service = self.dest.service.clone().unwrap_or_default();
         // Instances that could not be connected to, or are refused by the outbound policy:
         // nothing was sent to them, so another one is tried within the same attempt.
         let mut skipped: Vec<Arc<str>> = Vec::new();

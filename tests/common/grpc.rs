@@ -45,6 +45,8 @@ pub struct GrpcReceived {
     pub req: FireRequest,
     /// The `grpc-timeout` metadata the client sent, if any.
     pub grpc_timeout: Option<String>,
+    /// The client's address: the same one for calls over one reused connection.
+    pub peer: Option<std::net::SocketAddr>,
     pub answered: Code,
 }
 
@@ -67,6 +69,7 @@ impl CallbackService for Service {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let peer = request.remote_addr();
         let (code, delay) = {
             let mut s = self.0.script.lock().unwrap();
             (s.queue.pop_front().unwrap_or(s.then), s.delay)
@@ -75,6 +78,7 @@ impl CallbackService for Service {
             at_ms,
             req: request.into_inner(),
             grpc_timeout,
+            peer,
             answered: code,
         });
         if !delay.is_zero() {

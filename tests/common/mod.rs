@@ -855,6 +855,11 @@ impl Receiver {
         format!("http://{}/hook", self.addr)
     }
 
+    /// The port it listens on (to register it as a Consul instance).
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     /// Replaces the script for the requests still to come.
     pub fn set_script(&self, script: Script) {
         *self.shared.script.lock().unwrap() = script;
