@@ -28,6 +28,9 @@ pub struct Config {
     /// Missed fires newer than this are all dispatched after downtime; older ones collapse
     /// into one fire plus `missed` records (see the contract's "Missed fires").
     pub catchup_window: Duration,
+    /// Fires due within this horizon are recorded ahead of their time; database latency
+    /// delays a fire only when it exceeds this.
+    pub record_ahead: Duration,
     /// Newest executions kept per job; older finished ones are pruned.
     pub history_keep: u32,
     /// Finished executions older than this are pruned.
@@ -58,6 +61,11 @@ pub const DEFAULT_GOSSIP_ADDR: &str = "127.0.0.1:7946";
 pub const DEFAULT_CLUSTER_ID: &str = "chime";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://chime.db";
 pub const DEFAULT_CATCHUP_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_RECORD_AHEAD: Duration = Duration::from_secs(2);
+/// The record-ahead horizon must leave the database time (at least this) and stay well
+/// inside the lease TTL (at most this), or a handover would find most fires recorded.
+pub const RECORD_AHEAD_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(5));
 pub const DEFAULT_HISTORY_KEEP: u32 = 100;
 pub const DEFAULT_HISTORY_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -101,6 +109,9 @@ pub struct ServeArgs {
     /// Missed fires within this window are all made up after downtime, e.g. 60s [default: 60s]
     #[arg(long, env = "CHIME_CATCHUP_WINDOW")]
     pub catchup_window: Option<String>,
+    /// Record fires this long before their time, from 100ms to 5s [default: 2s]
+    #[arg(long, env = "CHIME_RECORD_AHEAD")]
+    pub record_ahead: Option<String>,
     /// Executions kept per job [default: 100]
     #[arg(long, env = "CHIME_HISTORY_KEEP")]
     pub history_keep: Option<u32>,
@@ -145,6 +156,7 @@ struct FileConfig {
     consul_addr: Option<String>,
     api_token: Option<String>,
     catchup_window: Option<String>,
+    record_ahead: Option<String>,
     history_keep: Option<u32>,
     history_max_age: Option<String>,
     max_body_bytes: Option<usize>,
@@ -224,6 +236,18 @@ impl ServeArgs {
             ));
         }
         let api_token = self.api_token.or(file.api_token).filter(|t| !t.is_empty());
+        let record_ahead = duration_or(
+            "record_ahead",
+            self.record_ahead.or(file.record_ahead),
+            DEFAULT_RECORD_AHEAD,
+        )?;
+        let (lo, hi) = RECORD_AHEAD_RANGE;
+        if !(lo..=hi).contains(&record_ahead) {
+            return Err(invalid(
+                "record_ahead",
+                format!("{record_ahead:?} is outside {lo:?}..={hi:?}"),
+            ));
+        }
         let history_keep = self
             .history_keep
             .or(file.history_keep)
@@ -294,6 +318,7 @@ impl ServeArgs {
                 self.catchup_window.or(file.catchup_window),
                 DEFAULT_CATCHUP_WINDOW,
             )?,
+            record_ahead,
             history_keep,
             history_max_age: duration_or(
                 "history_max_age",

@@ -5,8 +5,8 @@
 //! - [`api`]: REST handlers; validate input ([`job`]) and order every write.
 //! - [`store`]: jobs and executions in SQLite or MySQL; the executions key is the
 //!   exactly-once fence and pending rows are the durable delivery queue.
-//! - [`scheduler`]: one timer over all of the node's jobs; records each batch of fires,
-//!   re-arms jobs from [`schedule`], hands fires to delivery.
+//! - [`scheduler`]: the fire path, in stages: records fires ahead of their time in large
+//!   batches fenced by slot leases, then hands each to delivery at its instant.
 //! - [`delivery`]: sends callbacks, persists attempt numbers and outcomes, retries.
 //! - [`node`]: starts and stops all of it in order; [`config`] resolves its settings.
 
@@ -15,6 +15,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
+pub(crate) mod faults;
 pub mod job;
 pub mod metrics;
 pub mod node;

@@ -23,6 +23,9 @@ impl Counter {
     pub fn inc(&self) {
         self.value.fetch_add(1, Ordering::Relaxed);
     }
+    pub fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+    }
     pub fn get(&self) -> u64 {
         self.value.load(Ordering::Relaxed)
     }
@@ -123,6 +126,10 @@ pub static STORE_ERRORS: Counter = Counter::new(
     "Database operations that failed and were retried.",
 );
 pub static JOBS_LOADED: Gauge = Gauge::new("chime_jobs", "Jobs held by this node's scheduler.");
+pub static FIRES_RECORDED_UNSENT: Gauge = Gauge::new(
+    "chime_fires_recorded_unsent",
+    "Fires recorded ahead of their time and waiting for it.",
+);
 pub static DELIVERIES_WAITING: Gauge = Gauge::new(
     "chime_deliveries_waiting",
     "Delivery attempts queued in memory (mostly waiting for a retry).",
@@ -144,7 +151,11 @@ pub static DELIVERIES: LabeledCounter<3> = LabeledCounter {
 };
 pub static FIRE_LAG_SECONDS: Histogram = Histogram::new(
     "chime_fire_lag_seconds",
-    "Time from a fire's scheduled time to its batch being taken by the scheduler.",
+    "Time from a fire's scheduled time to its hand-over to delivery.",
+);
+pub static RECORD_AHEAD_SECONDS: Histogram = Histogram::new(
+    "chime_record_ahead_seconds",
+    "How long before its scheduled time a fire was recorded (0: recorded late).",
 );
 pub static RECORD_BATCH_SECONDS: Histogram = Histogram::new(
     "chime_record_batch_seconds",
@@ -180,7 +191,12 @@ pub fn render() -> String {
             c.get()
         );
     }
-    for g in [&JOBS_LOADED, &DELIVERIES_WAITING, &OPEN_CIRCUITS] {
+    for g in [
+        &JOBS_LOADED,
+        &FIRES_RECORDED_UNSENT,
+        &DELIVERIES_WAITING,
+        &OPEN_CIRCUITS,
+    ] {
         let _ = writeln!(
             out,
             "# HELP {} {}\n# TYPE {} gauge\n{} {}",
@@ -208,6 +224,7 @@ pub fn render() -> String {
     }
     for h in [
         &FIRE_LAG_SECONDS,
+        &RECORD_AHEAD_SECONDS,
         &RECORD_BATCH_SECONDS,
         &REBALANCE_SECONDS,
         &DELIVERY_DELAY_SECONDS,

@@ -34,6 +34,16 @@ pub enum NodeError {
     Delivery(#[from] delivery::DeliveryError),
     #[error("http server failed: {0}")]
     Http(std::io::Error),
+    #[error(
+        "{path} is in use by another chime process (an embedded database has one node); stop \
+         it, or give this one its own --database-url"
+    )]
+    DatabaseInUse { path: String },
+    #[error("cannot lock {path}: {source}")]
+    DatabaseLock {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Runs a node on `listener` until `shutdown` resolves.
@@ -45,6 +55,12 @@ pub async fn serve(
     let db_err = |source| NodeError::Database {
         url: redact_url(&config.database_url),
         source,
+    };
+    // One process per embedded database: its leases never expire, so a second process on
+    // the same file must be refused, not left to fight over them.
+    let _sqlite_lock = match sqlite_path(&config.database_url) {
+        Some(path) => Some(lock_database_file(&path)?),
+        None => None,
     };
     let store = Store::connect(&config.database_url).await.map_err(db_err)?;
     store.migrate().await.map_err(db_err)?;
@@ -71,13 +87,14 @@ pub async fn serve(
         SchedulerConfig {
             node_id: config.node_id.as_str().into(),
             catchup_window: config.catchup_window,
+            record_ahead: config.record_ahead,
             history_keep: config.history_keep,
             history_max_age: config.history_max_age,
         },
         store.clone(),
         delivery.clone(),
         leases.clone(),
-        lost_tx,
+        lost_tx.clone(),
         cancel.child_token(),
         &tasks,
     );
@@ -145,8 +162,18 @@ pub async fn serve(
     // worker takes the leases as they are released (or expire) and loads their jobs.
     cluster.set_state(MemberState::Ready).await;
     let started = Instant::now();
+    let exclusive = store.dialect() == Dialect::Sqlite;
     let (first_pass_tx, first_pass_rx) = tokio::sync::oneshot::channel();
     let ownership_stop = CancellationToken::new();
+    let renewal = (!exclusive).then(|| {
+        tokio::spawn(scheduler::ownership::renew(
+            config.node_id.as_str().into(),
+            store.clone(),
+            leases.clone(),
+            lost_tx.clone(),
+            ownership_stop.clone(),
+        ))
+    });
     let ownership = tokio::spawn(
         Ownership {
             node_id: config.node_id.as_str().into(),
@@ -158,6 +185,7 @@ pub async fn serve(
             ring: cluster.ring_watch(),
             lost_rx,
             first_pass: Some(first_pass_tx),
+            exclusive,
         }
         .run(ownership_stop.clone()),
     );
@@ -176,6 +204,9 @@ pub async fn serve(
     // Stop firing and release every lease at once, so the next owners start within a tick.
     ownership_stop.cancel();
     let _ = ownership.await;
+    if let Some(renewal) = renewal {
+        let _ = renewal.await;
+    }
     http_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(5), http).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server ended with an error"),
@@ -213,4 +244,50 @@ fn advertise_ip(config: &Config, local: SocketAddr) -> IpAddr {
         return IpAddr::from([127, 0, 0, 1]);
     }
     local.ip()
+}
+
+/// The file of a `sqlite:` database URL (None: another engine, or in memory).
+fn sqlite_path(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.contains(":memory:")).then(|| path.to_string())
+}
+
+/// Takes an exclusive lock on `<database>.lock`, held for the life of the returned file.
+fn lock_database_file(db: &str) -> Result<std::fs::File, NodeError> {
+    let path = format!("{db}.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| NodeError::DatabaseLock {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::DatabaseInUse { path: db.into() }),
+        Err(std::fs::TryLockError::Error(source)) => Err(NodeError::DatabaseLock { path, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_paths() {
+        assert_eq!(
+            sqlite_path("sqlite://chime.db").as_deref(),
+            Some("chime.db")
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///tmp/x/c.db?mode=rwc").as_deref(),
+            Some("/tmp/x/c.db")
+        );
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("mysql://h/db"), None);
+    }
 }

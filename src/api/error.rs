@@ -80,6 +80,9 @@ impl From<StoreError> for ApiError {
                 ApiError::unavailable("the database is unavailable; retry shortly")
             }
             StoreError::Conflict => ApiError::Conflict("already exists".into()),
+            StoreError::Fenced(slot) => ApiError::unavailable(format!(
+                "slot {slot} is moving between nodes; retry shortly"
+            )),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -92,6 +95,9 @@ impl From<SchedulerError> for ApiError {
             SchedulerError::NotOwner => {
                 ApiError::unavailable("the job's slot is moving between nodes; retry shortly")
             }
+            SchedulerError::Busy => ApiError::unavailable(
+                "the job's fires are being recorded and the database is slow; retry shortly",
+            ),
             SchedulerError::Store(s) => s.into(),
         }
     }

@@ -1,8 +1,11 @@
 //! `/v1/jobs` handlers.
 //!
-//! Every write follows one order, under the job's lock: disarm in the scheduler (after which
-//! no fire of the old definition is in flight) → write the database → arm what the database
-//! now holds. A failed write re-arms what was there before.
+//! Every write follows one order, under the job's lock, in a task of its own that finishes
+//! even if the client disconnects: take the job out of the scheduler (`hold`: after it no
+//! fire of the old definition is sent, and its recorded, unsent fires are cancelled) →
+//! write the store in one transaction fenced by the slot's lease, deleting those fires'
+//! rows → arm what the store now holds. A write that failed puts back what was there
+//! before; one whose outcome is unknown reads the store to find out which.
 
 use std::sync::Arc;
 
@@ -17,7 +20,10 @@ use super::extract::JsonBody;
 use super::{ApiError, ApiState};
 use crate::clock::{fmt_ms, now_ms};
 use crate::job::{self, Callback, Job, JobInput, RetryPolicy, StoredSpec, ValidJob};
-use crate::store::{ExecKey, ExecStatus, ExecutionRecord, JobRecord, PutOutcome, Redrive};
+use crate::scheduler::Held;
+use crate::store::{
+    ExecKey, ExecStatus, ExecutionRecord, JobRecord, PutOutcome, Redrive, StoreError,
+};
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -134,33 +140,40 @@ pub async fn put(
     JsonBody(input): JsonBody<JobInput>,
 ) -> Result<Response, ApiError> {
     check_path_id(&id)?;
-    let now = now_ms();
-    let valid = input.validate(Some(&id), job::generate_id, now, &state.rules)?;
-    let (rec, job) = record_of(&valid, now)?;
+    let valid = input.validate(Some(&id), job::generate_id, now_ms(), &state.rules)?;
     state.require_lease(&id)?;
-    let _guard = state.lock(&id).await;
-    let previous = state.scheduler.disarm(&id).await?;
-    let outcome = match state.store.put_job(&rec).await {
-        Ok(o) => o,
-        Err(e) => {
-            if let Some((job, due)) = previous {
-                state.scheduler.arm(job, due).await?;
+    to_completion(async move {
+        let guard = state.lock(&id).await;
+        let fence = state.fence(&id)?;
+        let held = state.scheduler.hold(&id).await?;
+        // After `hold` no fire of the old definition is sent: the new one starts from here.
+        let now = now_ms();
+        let (rec, job) = record_of(&valid, now)?;
+        let outcome = match state
+            .store
+            .put_job(&rec, &fence, &held.cancelled_times())
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                let due = rec.next_fire_at;
+                let written = move |r: Option<&JobRecord>| r.is_some_and(|r| r.updated_at == now);
+                return Err(undo(&state, guard, &id, held, e, written, Some((job, due))));
             }
-            return Err(e.into());
-        }
-    };
-    let due = rec.next_fire_at;
-    state.scheduler.arm(job, due).await?;
-    let stored = state
-        .store
-        .get_job(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
-    let status = match outcome {
-        PutOutcome::Created => StatusCode::CREATED,
-        PutOutcome::Replaced => StatusCode::OK,
-    };
-    Ok((status, Json(JobView::new(stored, &state.node_id)?)).into_response())
+        };
+        state.scheduler.arm(job, rec.next_fire_at);
+        let stored = state
+            .store
+            .get_job(&id)
+            .await?
+            .ok_or_else(|| not_found(&id))?;
+        let status = match outcome {
+            PutOutcome::Created => StatusCode::CREATED,
+            PutOutcome::Replaced => StatusCode::OK,
+        };
+        Ok((status, Json(JobView::new(stored, &state.node_id)?)).into_response())
+    })
+    .await
 }
 
 pub async fn create(
@@ -171,23 +184,86 @@ pub async fn create(
     let valid = input.validate(None, || owned_id(&state), now, &state.rules)?;
     let (rec, job) = record_of(&valid, now)?;
     state.require_lease(&rec.id)?;
-    let _guard = state.lock(&rec.id).await;
-    match state.store.insert_job(&rec).await {
-        Ok(()) => {}
-        Err(crate::store::StoreError::Conflict) => {
-            return Err(ApiError::Conflict(format!(
-                "job {:?} already exists; use PUT /v1/jobs/{} to replace it",
-                rec.id, rec.id
-            )));
+    to_completion(async move {
+        let _guard = state.lock(&rec.id).await;
+        let fence = state.fence(&rec.id)?;
+        match state.store.insert_job(&rec, &fence).await {
+            Ok(()) => {}
+            Err(crate::store::StoreError::Conflict) => {
+                return Err(ApiError::Conflict(format!(
+                    "job {:?} already exists; use PUT /v1/jobs/{} to replace it",
+                    rec.id, rec.id
+                )));
+            }
+            Err(e) if e.is_unavailable() => {
+                // Maybe written: arm it if the store has it, under the job's lock.
+                let id = rec.id.clone();
+                let written = move |r: Option<&JobRecord>| r.is_some_and(|r| r.created_at == now);
+                let new = Some((job, rec.next_fire_at));
+                return Err(undo(&state, _guard, &id, Held::default(), e, written, new));
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => return Err(e.into()),
+        state.scheduler.arm(job, rec.next_fire_at);
+        Ok((
+            StatusCode::CREATED,
+            Json(JobView::new(rec, &state.node_id)?),
+        )
+            .into_response())
+    })
+    .await
+}
+
+/// Runs a write to completion even if the client goes away: axum drops a handler whose
+/// connection closed, and a write abandoned between taking its job out of the scheduler and
+/// putting it back would leave the job disarmed.
+async fn to_completion<T: Send + 'static>(
+    write: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(write)
+        .await
+        .map_err(|e| ApiError::Internal(format!("write task failed: {e}")))?
+}
+
+/// After a failed store write: a write that certainly did not happen puts back what `hold`
+/// took. One whose outcome is unknown (timeout, lost connection) is settled in the
+/// background, still under the job's lock: the stored row says whether it happened
+/// (`written`), and the scheduler then arms `new` or puts back the old definition.
+fn undo(
+    state: &ApiState,
+    guard: tokio::sync::OwnedMutexGuard<()>,
+    id: &str,
+    held: Held,
+    error: StoreError,
+    written: impl Fn(Option<&JobRecord>) -> bool + Send + 'static,
+    new: Option<(Arc<Job>, Option<i64>)>,
+) -> ApiError {
+    if !error.is_unavailable() {
+        state.scheduler.restore(held);
+        return error.into();
     }
-    state.scheduler.arm(job, rec.next_fire_at).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(JobView::new(rec, &state.node_id)?),
-    )
-        .into_response())
+    let state2 = state.clone();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let _guard = guard;
+        for _ in 0..120 {
+            match state2.store.get_job(&id).await {
+                Ok(rec) => {
+                    if written(rec.as_ref()) {
+                        if let Some((job, due)) = new {
+                            state2.scheduler.arm(job, due);
+                        }
+                    } else {
+                        state2.scheduler.restore(held);
+                    }
+                    return;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+            }
+        }
+        tracing::error!(job_id = %id, "cannot tell whether a write was stored; the job is not fired here until it is written again or its slot is reloaded");
+    });
+    error.into()
 }
 
 pub async fn get(
@@ -218,7 +294,7 @@ pub async fn get(
 fn owned_id(state: &ApiState) -> String {
     let mut id = job::generate_id();
     for _ in 0..256 {
-        if state.leases.holds(job::slot_of(&id)) {
+        if state.leases.writable_epoch(job::slot_of(&id)).is_some() {
             break;
         }
         id = job::generate_id();
@@ -285,18 +361,20 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     check_path_id(&id)?;
     state.require_lease(&id)?;
-    let _guard = state.lock(&id).await;
-    let previous = state.scheduler.disarm(&id).await?;
-    match state.store.delete_job(&id).await {
-        Ok(true) => Ok(StatusCode::NO_CONTENT),
-        Ok(false) => Err(not_found(&id)),
-        Err(e) => {
-            if let Some((job, due)) = previous {
-                state.scheduler.arm(job, due).await?;
+    to_completion(async move {
+        let guard = state.lock(&id).await;
+        let fence = state.fence(&id)?;
+        let held = state.scheduler.hold(&id).await?;
+        match state.store.delete_job(&id, &fence).await {
+            Ok(true) => Ok(StatusCode::NO_CONTENT),
+            Ok(false) => {
+                state.scheduler.restore(held);
+                Err(not_found(&id))
             }
-            Err(e.into())
+            Err(e) => Err(undo(&state, guard, &id, held, e, |r| r.is_none(), None)),
         }
-    }
+    })
+    .await
 }
 
 #[derive(Serialize)]
@@ -329,10 +407,10 @@ pub async fn trigger(
 
 /// For a write about an existing job: checks this node holds the job's slot, takes the
 /// job's lock, and reads the stored record under it (404 if there is none).
-async fn lock_existing<'a>(
-    state: &'a ApiState,
+async fn lock_existing(
+    state: &ApiState,
     id: &str,
-) -> Result<(tokio::sync::MutexGuard<'a, ()>, JobRecord), ApiError> {
+) -> Result<(tokio::sync::OwnedMutexGuard<()>, JobRecord), ApiError> {
     state.require_lease(id)?;
     let guard = state.lock(id).await;
     let rec = state
@@ -365,29 +443,39 @@ pub async fn resume(
 
 async fn set_paused(state: ApiState, id: String, paused: bool) -> Result<Json<JobView>, ApiError> {
     check_path_id(&id)?;
-    let (_guard, rec) = lock_existing(&state, &id).await?;
-    if rec.paused == paused {
-        // Already so: resuming a running job must not restart its `@every` period.
-        return Ok(Json(JobView::new(rec, &state.node_id)?));
-    }
-    let now = now_ms();
-    let job = Job::from_stored(&rec.id, rec.slot, &rec.spec, paused, now)
-        .map(Arc::new)
-        .map_err(|e| ApiError::Internal(format!("job {id}: {e}")))?;
-    let due = job.first_due(now);
-    let previous = state.scheduler.disarm(&id).await?;
-    let updated = match state.store.set_paused(&id, paused, now, due).await {
-        Ok(Some(rec)) => rec,
-        Ok(None) => return Err(not_found(&id)),
-        Err(e) => {
-            if let Some((job, due)) = previous {
-                state.scheduler.arm(job, due).await?;
-            }
-            return Err(e.into());
+    state.require_lease(&id)?;
+    to_completion(async move {
+        let (guard, rec) = lock_existing(&state, &id).await?;
+        if rec.paused == paused {
+            // Already so: resuming a running job must not restart its `@every` period.
+            return Ok(Json(JobView::new(rec, &state.node_id)?));
         }
-    };
-    state.scheduler.arm(job, due).await?;
-    Ok(Json(JobView::new(updated, &state.node_id)?))
+        let fence = state.fence(&id)?;
+        let held = state.scheduler.hold(&id).await?;
+        let now = now_ms();
+        let job = Job::from_stored(&rec.id, rec.slot, &rec.spec, paused, now)
+            .map(Arc::new)
+            .map_err(|e| ApiError::Internal(format!("job {id}: {e}")))?;
+        let due = job.first_due(now);
+        let updated = match state
+            .store
+            .set_paused(&id, paused, now, due, &fence, &held.cancelled_times())
+            .await
+        {
+            Ok(Some(rec)) => rec,
+            Ok(None) => {
+                state.scheduler.restore(held);
+                return Err(not_found(&id));
+            }
+            Err(e) => {
+                let written = move |r: Option<&JobRecord>| r.is_some_and(|r| r.updated_at == now);
+                return Err(undo(&state, guard, &id, held, e, written, Some((job, due))));
+            }
+        };
+        state.scheduler.arm(job, due);
+        Ok(Json(JobView::new(updated, &state.node_id)?))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -520,9 +608,7 @@ pub async fn retry_execution(
     };
     let epoch = state
         .leases
-        .epochs_of([rec.slot])
-        .get(&rec.slot)
-        .copied()
+        .writable_epoch(rec.slot)
         .ok_or_else(|| ApiError::unavailable("the job's slot is moving between nodes"))?;
     match state
         .store

@@ -44,7 +44,7 @@ pub struct ApiState {
     rules: crate::job::TargetRules,
     api_token: Option<Arc<str>>,
     ready: Arc<AtomicBool>,
-    locks: Arc<[tokio::sync::Mutex<()>]>,
+    locks: Arc<[Arc<tokio::sync::Mutex<()>>]>,
 }
 
 pub struct ApiConfig {
@@ -96,7 +96,7 @@ impl ApiState {
     /// that fires the job is the one that sees the write.
     fn require_lease(&self, id: &str) -> Result<(), ApiError> {
         let slot = crate::job::slot_of(id);
-        if self.leases.holds(slot) {
+        if self.leases.writable_epoch(slot).is_some() {
             Ok(())
         } else {
             Err(ApiError::unavailable(format!(
@@ -105,9 +105,24 @@ impl ApiState {
         }
     }
 
-    async fn lock(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+    async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let stripe = crate::job::slot_of(id) as usize % LOCK_STRIPES;
-        self.locks[stripe].lock().await
+        self.locks[stripe].clone().lock_owned().await
+    }
+
+    /// The lease a write of job `id` is fenced with in its transaction.
+    fn fence(&self, id: &str) -> Result<crate::store::Fence, ApiError> {
+        let slot = crate::job::slot_of(id);
+        let epoch = self.leases.writable_epoch(slot).ok_or_else(|| {
+            ApiError::unavailable(format!(
+                "slot {slot} of job {id:?} is moving to this node; retry shortly"
+            ))
+        })?;
+        Ok(crate::store::Fence {
+            node: self.node_id.clone(),
+            slot,
+            epoch,
+        })
     }
 }
 

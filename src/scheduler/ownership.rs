@@ -1,9 +1,14 @@
 //! Turns "the ring says I own these slots" into "I hold these slots' leases and their jobs
 //! are armed here", and back.
 //!
+//! Renewal runs in its own task ([`renew`]) on its own database connections, so a long
+//! slot load or a busy fire path never delays it; each renewal moves the leases' local
+//! deadline (see [`Leases`]). A node that is the database's only user (SQLite, guarded by a
+//! file lock) takes every lease once, never to expire, and renews nothing.
+//!
 //! Every tick (and at once when the ring changes; bursts coalesce because the ring is a
 //! `watch` value) the worker:
-//! 1. renews the leases it holds, keeping those the database confirms;
+//! 1. drops slots whose lease renewal found lost;
 //! 2. drops slots it should no longer own: disarm their jobs (the scheduler answers only
 //!    after any batch in flight is recorded), then release the leases so the new owner can
 //!    take them without waiting for expiry;
@@ -13,7 +18,7 @@
 //!
 //! Failover after a crash is therefore bounded by the lease TTL plus one tick plus the load.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +36,9 @@ pub const LEASE_TTL: Duration = Duration::from_secs(6);
 /// Renewal and reconcile period; several renewals fit in one TTL, so a slow database
 /// round trip or two does not lose leases.
 pub const TICK: Duration = Duration::from_millis(500);
+/// A lease is trusted locally until TTL − this after the renewal that confirmed it was sent:
+/// the margin covers clock-rate differences and the time a fire takes to leave.
+const LOCAL_MARGIN: Duration = Duration::from_secs(1);
 
 pub struct Ownership {
     pub node_id: Arc<str>,
@@ -41,9 +49,11 @@ pub struct Ownership {
     pub cluster: Cluster,
     pub ring: watch::Receiver<Arc<crate::cluster::Ring>>,
     /// Slots the scheduler found it no longer holds (a fenced batch was refused).
-    pub lost_rx: mpsc::UnboundedReceiver<Vec<u32>>,
+    pub lost_rx: mpsc::UnboundedReceiver<Vec<(u32, i64)>>,
     /// Set after the first pass: everything this node could take is loaded.
     pub first_pass: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The database is this node's alone (SQLite): leases never expire.
+    pub exclusive: bool,
 }
 
 impl Ownership {
@@ -56,9 +66,16 @@ impl Ownership {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                Some(lost) = self.lost_rx.recv() => {
-                    tracing::warn!(slots = lost.len(), "lost slot leases (fenced out); dropping their jobs");
-                    self.drop_slots(&lost, false).await;
+                Some(mut lost) = self.lost_rx.recv() => {
+                    while let Ok(more) = self.lost_rx.try_recv() {
+                        lost.extend(more);
+                    }
+                    // Reports about an older lease of a slot held again since are stale.
+                    let lost = self.leases.still_at(&lost);
+                    if !lost.is_empty() {
+                        tracing::warn!(slots = lost.len(), "lost slot leases (taken over or expired); dropping their jobs");
+                        self.drop_slots(&lost, false).await;
+                    }
                     continue;
                 }
                 changed = self.ring.changed() => if changed.is_err() { break },
@@ -80,7 +97,7 @@ impl Ownership {
                     // Without the database this node can neither fire nor renew. Leave the
                     // ring so peers take its slots once the leases expire, instead of the
                     // slots waiting for this node's database to come back.
-                    if !degraded && last_ok.elapsed() > LEASE_TTL {
+                    if !self.exclusive && !degraded && last_ok.elapsed() > LEASE_TTL {
                         degraded = true;
                         tracing::warn!(
                             "database unreachable for longer than the lease TTL; leaving the ring until it is back"
@@ -109,25 +126,21 @@ impl Ownership {
 
     async fn reconcile(&mut self) -> Result<(), StoreError> {
         let ttl = LEASE_TTL.as_millis() as i64;
-        let held = self.leases.slots();
-        if !held.is_empty() {
-            let slots: Vec<u32> = held.iter().copied().collect();
-            let renewed = self.store.renew_leases(&self.node_id, &slots, ttl).await?;
-            let known = self.leases.snapshot();
-            let lost: Vec<u32> = slots
-                .iter()
-                .copied()
-                .filter(|s| renewed.get(s) != known.get(s))
-                .collect();
-            if !lost.is_empty() {
-                tracing::warn!(
-                    slots = lost.len(),
-                    "leases expired or taken over; dropping their jobs"
-                );
-                self.drop_slots(&lost, false).await;
-            }
+        if !self.exclusive {
+            // Peers can take over this node's share only if it notices it lost the database.
+            self.store.ping().await?;
         }
-
+        // A lease past its local deadline may be someone else's by now: its jobs are dropped
+        // (the store's rows are consistent) and the slot is acquired again, at a new epoch,
+        // and reloaded.
+        let lapsed = self.leases.lapsed();
+        if !lapsed.is_empty() {
+            tracing::warn!(
+                slots = lapsed.len(),
+                "slot leases lapsed without renewal; dropping their jobs until they are acquired again"
+            );
+            self.drop_slots(&lapsed, false).await;
+        }
         let ring = self.ring.borrow_and_update().clone();
         let desired: BTreeSet<u32> = ring.slots_of(&self.node_id).into_iter().collect();
         let held = self.leases.slots();
@@ -141,18 +154,27 @@ impl Ownership {
             return Ok(());
         }
         let started = Instant::now();
-        let acquired = self
-            .store
-            .acquire_leases(&self.node_id, &wanted, ttl)
-            .await?;
+        let (acquired, valid_until) = if self.exclusive {
+            (
+                self.store.acquire_exclusive(&self.node_id, &wanted).await?,
+                None,
+            )
+        } else {
+            let acquired = self
+                .store
+                .acquire_leases(&self.node_id, &wanted, ttl)
+                .await?;
+            (acquired, Some(started + LEASE_TTL - LOCAL_MARGIN))
+        };
         if acquired.is_empty() {
             return Ok(());
         }
         let slots: Vec<u32> = acquired.keys().copied().collect();
         // Publish the leases first: fires of these slots are fenced against this map.
-        self.leases.extend(acquired);
+        self.leases.extend(acquired, valid_until);
         match self.load(&slots).await {
             Ok((jobs, pending)) => {
+                self.leases.mark_loaded(&slots);
                 crate::metrics::REBALANCE_SECONDS.observe(started.elapsed().as_secs_f64());
                 tracing::info!(
                     slots = slots.len(),
@@ -197,19 +219,21 @@ impl Ownership {
         chunks.push(chunk);
         self.delivery.submit(delivery::resume_tasks(pending));
         for c in chunks {
-            self.scheduler
-                .arm_many(c)
-                .await
-                .map_err(|_| StoreError::Corrupt("scheduler stopped".into()))?;
+            self.scheduler.arm_many(c);
         }
         Ok((jobs, n))
     }
 
-    /// Stops firing `slots` here; with `release`, frees their leases for the next owner.
+    /// Stops firing `slots` here; with `release`, hands their recorded, unsent fires back
+    /// to the queue (so the next owner sends attempt 1 on time) and frees their leases for
+    /// the next owner.
     async fn drop_slots(&self, slots: &[u32], release: bool) {
-        // The scheduler answers once no batch of these slots is in flight.
-        if self.scheduler.drop_slots(slots.to_vec()).await.is_err() {
-            return;
+        let unsent = self.scheduler.drop_slots(slots, release).await;
+        if release {
+            let leases = self.leases.epochs_of(slots.iter().copied());
+            if let Err(e) = self.store.hand_back(&self.node_id, &leases, &unsent).await {
+                tracing::warn!(error = %e, fires = unsent.len(), "cannot hand back recorded fires; the next owner resumes them as attempt 2");
+            }
         }
         self.leases.remove(slots);
         if release && let Err(e) = self.store.release_leases(&self.node_id, slots).await {
@@ -217,20 +241,29 @@ impl Ownership {
         }
     }
 
-    /// Graceful leave: stop firing everything, then release every lease at once.
+    /// Graceful leave: stop firing everything, hand back what was recorded and not sent,
+    /// then release every lease at once.
     async fn leave(&mut self) {
         let slots: Vec<u32> = self.leases.slots().into_iter().collect();
         if slots.is_empty() {
             return;
         }
-        // Bounded: during a database outage the scheduler is busy retrying its last batch
-        // and only stops when the node cancels it, after this returns.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.scheduler.drop_slots(slots.clone()),
+        // Bounded: during a database outage a batch may be stuck retrying.
+        let unsent = self.scheduler.drop_slots(&slots, true).await;
+        let leases = self.leases.epochs_of(slots.iter().copied());
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            self.store.hand_back(&self.node_id, &leases, &unsent),
         )
-        .await;
-        self.leases.replace(HashMap::new());
+        .await
+        {
+            Ok(Ok(())) => {}
+            _ => tracing::warn!(
+                fires = unsent.len(),
+                "cannot hand back recorded fires; the next owner resumes them as attempt 2"
+            ),
+        }
+        self.leases.clear();
         match tokio::time::timeout(
             Duration::from_secs(3),
             self.store.release_leases(&self.node_id, &slots),
@@ -239,6 +272,60 @@ impl Ownership {
         {
             Ok(Ok(())) => tracing::info!(slots = slots.len(), "released slot leases"),
             _ => tracing::warn!("could not release leases; they expire within {LEASE_TTL:?}"),
+        }
+    }
+}
+
+/// Renews this node's leases every [`TICK`] and moves their local deadline; reports slots
+/// the database no longer confirms on `lost_tx`. Runs beside the ownership worker so that
+/// neither a long slot load nor fire traffic delays a renewal.
+pub async fn renew(
+    node_id: Arc<str>,
+    store: Store,
+    leases: Arc<Leases>,
+    lost_tx: mpsc::UnboundedSender<Vec<(u32, i64)>>,
+    cancel: CancellationToken,
+) {
+    let ttl = LEASE_TTL.as_millis() as i64;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let known = leases.snapshot();
+        if known.is_empty() {
+            continue;
+        }
+        let slots: Vec<u32> = known.keys().copied().collect();
+        let sent_at = Instant::now();
+        match store.renew_leases(&node_id, &slots, ttl).await {
+            Ok(renewed) => {
+                if failing_since.take().is_some() {
+                    tracing::info!("lease renewal works again");
+                }
+                leases.renewed(&renewed, sent_at + LEASE_TTL - LOCAL_MARGIN);
+                let lost: Vec<(u32, i64)> = known
+                    .iter()
+                    .filter(|(s, e)| renewed.get(s) != Some(e))
+                    .map(|(s, e)| (*s, *e))
+                    .collect();
+                if !lost.is_empty() {
+                    tracing::warn!(
+                        slots = lost.len(),
+                        "leases expired or taken over; dropping their jobs"
+                    );
+                    let _ = lost_tx.send(lost);
+                }
+            }
+            Err(e) => {
+                if failing_since.is_none() {
+                    failing_since = Some(Instant::now());
+                    tracing::warn!(error = %e, "cannot renew slot leases; fires stop when they expire locally, and resume once renewal works");
+                }
+            }
         }
     }
 }

@@ -203,14 +203,15 @@ fn fire_rows(rows: usize) -> String {
     vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, '')"; rows].join(", ")
 }
 
-/// What [`Store::record_fires`] did.
+/// What [`Store::record_batch`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recorded {
-    /// Per fire: inserted by this call, so this node must dispatch it. `false`: it existed
-    /// already (dispatched before), or its slot's lease is not this node's.
-    pub inserted: Vec<bool>,
-    /// Slots of the batch whose lease this node no longer holds.
-    pub lost_slots: Vec<u32>,
+pub enum BatchOutcome {
+    /// Written now. The fires of `lost_slots` were left out (this node no longer holds
+    /// those leases); every other fire is this node's to dispatch.
+    Committed { lost_slots: Vec<u32> },
+    /// An earlier attempt of this batch committed (its reply was lost): its fires were
+    /// written then. `lost_slots` are those whose lease this node does not hold now.
+    AlreadyCommitted { lost_slots: Vec<u32> },
 }
 
 fn bind_fire<'q>(q: AnyQuery<'q>, f: &NewFire, node: &str) -> AnyQuery<'q> {
@@ -226,23 +227,46 @@ fn bind_fire<'q>(q: AnyQuery<'q>, f: &NewFire, node: &str) -> AnyQuery<'q> {
 }
 
 impl Store {
-    /// Records fires and advances their jobs, atomically, fenced by slot leases: fires and
-    /// progress of a slot count only if `node` still holds the slot's lease at the epoch in
-    /// `leases`. The lease rows are read under a share lock, so a takeover waits for this
-    /// transaction and then sees its progress.
+    /// Records a batch of fires and advances their jobs, atomically, fenced by the slot
+    /// leases in `leases` (see [`Store::fence`]): fires and progress of a slot whose lease
+    /// moved are left out.
     ///
-    /// The inserts come first: on SQLite the first statement of a transaction takes the write
-    /// lock (waiting as needed), while a read-first transaction could fail to upgrade.
-    pub async fn record_fires(
+    /// `batch` identifies the batch across attempts. Call again with the same id and the
+    /// same fires after any error: a COMMIT whose reply was lost is then found (the batch's
+    /// row exists) instead of being recorded twice. The batch's row is written after the
+    /// fence, so a retry waits for an attempt the server is still finishing.
+    ///
+    /// Fires recorded already by someone else fail the batch with [`StoreError::Recorded`]
+    /// naming them: the caller leaves them out (they are not its to dispatch) and retries.
+    pub async fn record_batch(
         &self,
         node: &str,
+        batch: i64,
         fires: &[NewFire],
         progress: &[Progress],
         leases: &HashMap<u32, i64>,
-    ) -> Result<Recorded, StoreError> {
+        now: i64,
+    ) -> Result<BatchOutcome, StoreError> {
         self.timed(OP_TIMEOUT, async move {
+            let _turn = self.write_turn().await;
             let mut tx = self.pool.begin().await?;
-            let mut all_new = true;
+            let lost_slots = self.fence(&mut tx, node, leases).await?;
+            let lost: HashSet<u32> = lost_slots.iter().copied().collect();
+            let inserted = sqlx::query("INSERT INTO fire_batches (id, node, created_at) VALUES (?, ?, ?)")
+                .bind(batch)
+                .bind(node.to_string())
+                .bind(now)
+                .execute(&mut *tx)
+                .await;
+            match inserted.map_err(StoreError::from) {
+                Ok(_) => {}
+                Err(StoreError::Conflict) => {
+                    tx.rollback().await?;
+                    return Ok(BatchOutcome::AlreadyCommitted { lost_slots });
+                }
+                Err(e) => return Err(e),
+            }
+            let fires: Vec<&NewFire> = fires.iter().filter(|f| !lost.contains(&f.slot)).collect();
             for chunk in fires.chunks(CHUNK) {
                 let sql = sqlx::AssertSqlSafe(format!(
                     "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, attempts, \
@@ -255,79 +279,15 @@ impl Store {
                     q = bind_fire(q, f, node);
                 }
                 if q.execute(&mut *tx).await?.rows_affected() < chunk.len() as u64 {
-                    all_new = false;
-                    break;
+                    // Rare (a make-up of a fire recorded before a crash): name the rows that
+                    // exist, in one query, so the caller can retry without them.
+                    tx.rollback().await?;
+                    let existing = self.existing(chunk).await?;
+                    return Err(StoreError::Recorded(existing));
                 }
             }
-            let mut inserted = vec![true; fires.len()];
-            if !all_new {
-                // Some rows existed (dispatched before: a make-up after a crash, or a trigger in
-                // the same millisecond as a scheduled fire). Which ones only a row-by-row insert can
-                // tell for certain; rare, so start over that way.
-                tx.rollback().await?;
-                tx = self.pool.begin().await?;
-                for (f, ins) in fires.iter().zip(inserted.iter_mut()) {
-                    let sql = sqlx::AssertSqlSafe(format!(
-                        "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, \
-                         attempts, status, next_attempt_at, request) VALUES {}",
-                        self.insert_ignore(),
-                        fire_rows(1)
-                    ));
-                    *ins = bind_fire(sqlx::query(sql), f, node)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected()
-                        == 1;
-                }
-            }
-            let slots: BTreeSet<u32> = fires
-                .iter()
-                .map(|f| f.slot)
-                .chain(progress.iter().map(|p| p.slot))
-                .collect();
-            let mut valid: HashSet<u32> = HashSet::new();
-            let slots: Vec<u32> = slots.into_iter().collect();
-            for chunk in slots.chunks(CHUNK) {
-                let sql = sqlx::AssertSqlSafe(format!(
-                    "SELECT slot, epoch FROM slot_leases WHERE owner = ? AND expires_at > {} \
-                     AND slot IN ({}){}",
-                    self.db_now(),
-                    in_list(chunk.len()),
-                    match self.dialect {
-                        super::Dialect::MySql => " LOCK IN SHARE MODE",
-                        super::Dialect::Sqlite => "",
-                    }
-                ));
-                let mut q = sqlx::query(sql).bind(node.to_string());
-                q = bind_slots(q, chunk);
-                for row in q.fetch_all(&mut *tx).await? {
-                    let slot = row.try_get::<i64, _>("slot")? as u32;
-                    let epoch: i64 = row.try_get("epoch")?;
-                    if leases.get(&slot) == Some(&epoch) {
-                        valid.insert(slot);
-                    }
-                }
-            }
-            let lost_slots: Vec<u32> = slots
-                .iter()
-                .copied()
-                .filter(|s| !valid.contains(s))
-                .collect();
-            for (f, ins) in fires.iter().zip(inserted.iter_mut()) {
-                if *ins && !valid.contains(&f.slot) {
-                    // Inserted by this transaction, so the row is ours to take back.
-                    sqlx::query("DELETE FROM executions WHERE job_id = ? AND scheduled_at = ?")
-                        .bind(f.key.job_id.to_string())
-                        .bind(f.key.scheduled_at)
-                        .execute(&mut *tx)
-                        .await?;
-                    *ins = false;
-                }
-            }
-            let progress: Vec<&Progress> = progress
-                .iter()
-                .filter(|p| valid.contains(&p.slot))
-                .collect();
+            let progress: Vec<&Progress> =
+                progress.iter().filter(|p| !lost.contains(&p.slot)).collect();
             for chunk in progress.chunks(CHUNK) {
                 let whens = vec!["WHEN ? THEN ?"; chunk.len()].join(" ");
                 let ids = in_list(chunk.len());
@@ -349,11 +309,103 @@ impl Store {
                 q.execute(&mut *tx).await?;
             }
             tx.commit().await?;
-            Ok(Recorded {
-                inserted,
-                lost_slots,
-            })
-            })
+            crate::faults::after_commit()?;
+            Ok(BatchOutcome::Committed { lost_slots })
+        })
+        .await
+    }
+
+    /// Which of `fires` have a row already.
+    async fn existing(&self, fires: &[&NewFire]) -> Result<Vec<ExecKey>, StoreError> {
+        let wanted: HashSet<(&str, i64)> = fires
+            .iter()
+            .map(|f| (&*f.key.job_id, f.key.scheduled_at))
+            .collect();
+        let ids: BTreeSet<&str> = wanted.iter().map(|(id, _)| *id).collect();
+        let times: BTreeSet<i64> = wanted.iter().map(|(_, t)| *t).collect();
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT job_id, scheduled_at FROM executions WHERE job_id IN ({}) AND scheduled_at IN ({})",
+            in_list(ids.len()),
+            in_list(times.len())
+        ));
+        let mut q = sqlx::query(sql);
+        for id in &ids {
+            q = q.bind(id.to_string());
+        }
+        for t in &times {
+            q = q.bind(*t);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let mut found = Vec::new();
+        for r in rows {
+            let id: String = r.try_get("job_id")?;
+            let at: i64 = r.try_get("scheduled_at")?;
+            if wanted.contains(&(id.as_str(), at)) {
+                found.push(ExecKey {
+                    job_id: id.into(),
+                    scheduled_at: at,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Gives recorded fires that this node will not send (its slot is being handed over)
+    /// back to the queue as never attempted: attempt 1 is then sent by the slot's next
+    /// owner, on time. Fenced by the lease, which this node still holds.
+    pub async fn hand_back(
+        &self,
+        node: &str,
+        leases: &HashMap<u32, i64>,
+        fires: &[(ExecKey, u32)],
+    ) -> Result<(), StoreError> {
+        if fires.is_empty() {
+            return Ok(());
+        }
+        self.timed(OP_TIMEOUT, async move {
+            let _turn = self.write_turn().await;
+            let mut tx = self.pool.begin().await?;
+            let lost: HashSet<u32> = self
+                .fence(&mut tx, node, leases)
+                .await?
+                .into_iter()
+                .collect();
+            // A slot that moved already belongs to its next owner, with whatever it loaded.
+            let fires: Vec<&ExecKey> = fires
+                .iter()
+                .filter(|(_, slot)| leases.contains_key(slot) && !lost.contains(slot))
+                .map(|(k, _)| k)
+                .collect();
+            for chunk in fires.chunks(CHUNK) {
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "UPDATE executions SET attempts = 0, next_attempt_at = scheduled_at \
+                     WHERE status = 'pending' AND attempts = 1 AND last_error IS NULL AND node = ? \
+                     AND (job_id, scheduled_at) IN ({})",
+                    vec!["(?, ?)"; chunk.len()].join(", ")
+                ));
+                let mut q = sqlx::query(sql).bind(node.to_string());
+                for k in chunk {
+                    q = q.bind(k.job_id.to_string()).bind(k.scheduled_at);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes the fire batch ids older than `cutoff`: a batch is looked up only while its
+    /// commit outcome is unknown, seconds after it was written.
+    pub async fn prune_fire_batches(&self, cutoff: i64) -> Result<u64, StoreError> {
+        self.timed(OP_TIMEOUT, async move {
+            let _turn = self.write_turn().await;
+            Ok(sqlx::query("DELETE FROM fire_batches WHERE created_at < ?")
+                .bind(cutoff)
+                .execute(&self.pool)
+                .await?
+                .rows_affected())
+        })
         .await
     }
 
@@ -361,6 +413,7 @@ impl Store {
     /// deleted) or no longer at `attempt - 1` (someone else moved it): then do not send.
     pub async fn begin_attempt(&self, key: &ExecKey, attempt: u32) -> Result<bool, StoreError> {
         self.timed(OP_TIMEOUT, async move {
+            let _turn = self.write_turn().await;
             let n = sqlx::query(
                 "UPDATE executions SET attempts = ? WHERE job_id = ? AND scheduled_at = ? \
                  AND attempts = ? AND status = 'pending'",
@@ -384,6 +437,7 @@ impl Store {
         outcomes: &[(ExecKey, u32, Outcome)],
     ) -> Result<Vec<bool>, StoreError> {
         self.timed(OP_TIMEOUT, async move {
+            let _turn = self.write_turn().await;
             let mut applied = vec![false; outcomes.len()];
             let mut tx = self.pool.begin().await?;
             // Successes are the bulk: one statement per chunk, grouped by response status.
@@ -496,6 +550,7 @@ impl Store {
         epoch: i64,
     ) -> Result<Redrive, StoreError> {
         self.timed(OP_TIMEOUT, async move {
+            let _turn = self.write_turn().await;
             let mut tx = self.pool.begin().await?;
             let sql = sqlx::AssertSqlSafe(format!(
                 "UPDATE executions SET status = 'pending', next_attempt_at = ?, request = '', \
@@ -599,6 +654,7 @@ impl Store {
     /// Keeps the newest `keep` executions of a job; deletes older finished ones.
     pub async fn prune_job_history(&self, job_id: &str, keep: u32) -> Result<u64, StoreError> {
         self.timed(OP_TIMEOUT, async move {
+            let _turn = self.write_turn().await;
             let cutoff: Option<i64> = sqlx::query_scalar(
                 "SELECT scheduled_at FROM executions WHERE job_id = ? \
                  ORDER BY scheduled_at DESC LIMIT 1 OFFSET ?",
@@ -627,6 +683,7 @@ impl Store {
     /// large purge does not hold locks for long); returns how many went.
     pub async fn prune_older_than(&self, cutoff: i64, limit: u32) -> Result<u64, StoreError> {
         self.timed(OP_TIMEOUT, async move {
+            let _turn = self.write_turn().await;
             let sql = match self.dialect {
                 super::Dialect::MySql => {
                     "DELETE FROM executions WHERE scheduled_at < ? AND status <> 'pending' LIMIT ?"

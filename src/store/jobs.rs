@@ -4,7 +4,9 @@ use futures::TryStreamExt;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError, bind_slots, in_list};
+use std::collections::HashMap;
+
+use super::{Fence, LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError, bind_slots, in_list};
 
 /// A job row. `spec` is the JSON of [`crate::job::StoredSpec`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,43 +47,54 @@ fn from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
 }
 
 impl Store {
+    /// Starts a job write: a transaction whose first statement is the lease fence.
+    async fn fenced_tx(
+        &self,
+        fence: &Fence,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let leases = HashMap::from([(fence.slot, fence.epoch)]);
+        if !self.fence(&mut tx, &fence.node, &leases).await?.is_empty() {
+            tx.rollback().await?;
+            return Err(StoreError::Fenced(fence.slot));
+        }
+        Ok(tx)
+    }
+
     /// Creates the job; [`StoreError::Conflict`] if the id exists.
-    pub async fn insert_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+    pub async fn insert_job(&self, job: &JobRecord, fence: &Fence) -> Result<(), StoreError> {
         self.timed(OP_TIMEOUT, async move {
-            sqlx::query(
-                "INSERT INTO jobs (id, slot, spec, paused, active_since, last_fire_at, next_fire_at, \
-                 created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&job.id)
-            .bind(i64::from(job.slot))
-            .bind(&job.spec)
-            .bind(i64::from(job.paused))
-            .bind(job.active_since)
-            .bind(job.last_fire_at)
-            .bind(job.next_fire_at)
-            .bind(job.created_at)
-            .bind(job.updated_at)
-            .execute(&self.pool)
-            .await?;
+            let _turn = self.write_turn().await;
+            let mut tx = self.fenced_tx(fence).await?;
+            insert(&mut tx, job).await?;
+            tx.commit().await?;
             Ok(())
-            })
+        })
         .await
     }
 
-    /// Creates or replaces the job. A replace keeps `created_at` and `last_fire_at` (so a
-    /// replaced job never re-fires a time it already fired).
-    ///
-    /// Insert-then-update rather than an upsert statement: `rows_affected` of an upsert
-    /// cannot tell created from replaced on both backends. Callers serialize writes per id.
-    pub async fn put_job(&self, job: &JobRecord) -> Result<PutOutcome, StoreError> {
+    /// Creates or replaces the job, and deletes the fires of the old definition that were
+    /// recorded ahead but not sent (`cancelled`, scheduled times), in one transaction fenced
+    /// by the slot's lease. A replace keeps `created_at` and `last_fire_at` (so a replaced
+    /// job never re-fires a time it already fired).
+    pub async fn put_job(
+        &self,
+        job: &JobRecord,
+        fence: &Fence,
+        cancelled: &[i64],
+    ) -> Result<PutOutcome, StoreError> {
         self.timed(OP_TIMEOUT, async move {
-            loop {
-                match self.insert_job(job).await {
-                    Ok(()) => return Ok(PutOutcome::Created),
-                    Err(StoreError::Conflict) => {}
-                    Err(e) => return Err(e),
-                }
-                let updated = sqlx::query(
+            let _turn = self.write_turn().await;
+            let mut tx = self.fenced_tx(fence).await?;
+            // Every write of this job holds the lease row's lock first, so nothing can
+            // create or delete the row between this read and the write below.
+            let exists = sqlx::query("SELECT 1 FROM jobs WHERE id = ?")
+                .bind(&job.id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            let outcome = if exists {
+                sqlx::query(
                     "UPDATE jobs SET spec = ?, paused = ?, active_since = ?, next_fire_at = ?, \
                      updated_at = ? WHERE id = ?",
                 )
@@ -91,13 +104,16 @@ impl Store {
                 .bind(job.next_fire_at)
                 .bind(job.updated_at)
                 .bind(&job.id)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
-                if updated.rows_affected() > 0 {
-                    return Ok(PutOutcome::Replaced);
-                }
-                // Deleted between our insert and update (another node's request): insert again.
-            }
+                delete_unsent(&mut tx, &job.id, cancelled).await?;
+                PutOutcome::Replaced
+            } else {
+                insert(&mut tx, job).await?;
+                PutOutcome::Created
+            };
+            tx.commit().await?;
+            Ok(outcome)
         })
         .await
     }
@@ -132,9 +148,10 @@ impl Store {
     }
 
     /// Deletes the job and its executions (its pending deliveries with it). False if absent.
-    pub async fn delete_job(&self, id: &str) -> Result<bool, StoreError> {
+    pub async fn delete_job(&self, id: &str, fence: &Fence) -> Result<bool, StoreError> {
         self.timed(OP_TIMEOUT, async move {
-            let mut tx = self.pool.begin().await?;
+            let _turn = self.write_turn().await;
+            let mut tx = self.fenced_tx(fence).await?;
             sqlx::query("DELETE FROM executions WHERE job_id = ?")
                 .bind(id)
                 .execute(&mut *tx)
@@ -150,23 +167,28 @@ impl Store {
         .await
     }
 
-    /// Pauses or resumes. Resuming restarts the schedule at `now` (no make-up of the paused
-    /// time). Returns the updated row, None if absent.
+    /// Pauses or resumes, deleting the fires recorded ahead and not sent (`cancelled`).
+    /// Resuming restarts the schedule at `now` (no make-up of the paused time). Returns the
+    /// updated row, None if absent.
     pub async fn set_paused(
         &self,
         id: &str,
         paused: bool,
         now: i64,
         next_fire_at: Option<i64>,
+        fence: &Fence,
+        cancelled: &[i64],
     ) -> Result<Option<JobRecord>, StoreError> {
         self.timed(OP_TIMEOUT, async move {
+            let _turn = self.write_turn().await;
+            let mut tx = self.fenced_tx(fence).await?;
             let result = if paused {
                 sqlx::query(
                     "UPDATE jobs SET paused = 1, next_fire_at = NULL, updated_at = ? WHERE id = ?",
                 )
                 .bind(now)
                 .bind(id)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?
             } else {
                 sqlx::query(
@@ -177,14 +199,20 @@ impl Store {
                 .bind(next_fire_at)
                 .bind(now)
                 .bind(id)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?
             };
             if result.rows_affected() == 0 {
+                tx.rollback().await?;
                 return Ok(None);
             }
-            self.get_job(id).await
-            })
+            delete_unsent(&mut tx, id, cancelled).await?;
+            let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs WHERE id = ?"));
+            let row = sqlx::query(sql).bind(id).fetch_one(&mut *tx).await?;
+            let rec = from_row(&row)?;
+            tx.commit().await?;
+            Ok(Some(rec))
+        })
         .await
     }
 
@@ -223,4 +251,46 @@ impl Store {
         })
         .await
     }
+}
+
+async fn insert(tx: &mut sqlx::AnyConnection, job: &JobRecord) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO jobs (id, slot, spec, paused, active_since, last_fire_at, next_fire_at, \
+         created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&job.id)
+    .bind(i64::from(job.slot))
+    .bind(&job.spec)
+    .bind(i64::from(job.paused))
+    .bind(job.active_since)
+    .bind(job.last_fire_at)
+    .bind(job.next_fire_at)
+    .bind(job.created_at)
+    .bind(job.updated_at)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Deletes the job's fires recorded ahead that the scheduler took back before sending them.
+/// Only rows that look never attempted (pending, `attempts = 1`, no error) go; the
+/// scheduler answered that none of them was sent.
+async fn delete_unsent(
+    tx: &mut sqlx::AnyConnection,
+    id: &str,
+    cancelled: &[i64],
+) -> Result<(), StoreError> {
+    for chunk in cancelled.chunks(500) {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "DELETE FROM executions WHERE job_id = ? AND status = 'pending' AND attempts = 1 \
+             AND last_error IS NULL AND scheduled_at IN ({})",
+            in_list(chunk.len())
+        ));
+        let mut q = sqlx::query(sql).bind(id);
+        for t in chunk {
+            q = q.bind(*t);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
 }

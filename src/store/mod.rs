@@ -20,10 +20,11 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Connection};
 
 pub use executions::{
-    ExecKey, ExecStatus, ExecutionRecord, NewFire, Outcome, PendingDelivery, Progress, Recorded,
-    Redrive,
+    BatchOutcome, ExecKey, ExecStatus, ExecutionRecord, NewFire, Outcome, PendingDelivery,
+    Progress, Redrive,
 };
 pub use jobs::{JobRecord, PutOutcome};
+pub use leases::{Fence, NEVER_EXPIRES};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -50,6 +51,14 @@ pub enum StoreError {
     /// partition); the operation was abandoned together with its connection.
     #[error("database did not answer within {0:?}")]
     Timeout(Duration),
+    /// The slot's lease is not this node's (at the epoch it believed) any more: the slot is
+    /// moving to another node, and the write was not made.
+    #[error("this node no longer holds slot {0}'s lease")]
+    Fenced(u32),
+    /// Some fires of a batch were recorded already (by whoever recorded them first, who
+    /// dispatches them); the batch was not written and must be retried without them.
+    #[error("{} fires of the batch were recorded already", .0.len())]
+    Recorded(Vec<ExecKey>),
 }
 
 impl StoreError {
@@ -87,6 +96,13 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Lease renewal, acquisition and pings: connections of their own, so a pool busy with
+    /// API writes and fire batches never makes a lease expire (MySQL; on SQLite the same
+    /// pool, whose writes are serialized anyway).
+    control: AnyPool,
+    /// SQLite has one writer: write transactions queue here, in order, instead of polling
+    /// SQLite's busy handler (whose sleeps of up to 100 ms showed as API latency).
+    write_gate: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
     dialect: Dialect,
 }
 
@@ -102,6 +118,7 @@ impl Store {
         let options = AnyConnectOptions::from_str(&url)
             .map_err(StoreError::Unavailable)?
             .disable_statement_logging();
+        let control_options = options.clone();
         let pool = AnyPoolOptions::new()
             .max_connections(max_conns)
             .min_connections(1)
@@ -127,7 +144,33 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(StoreError::Unavailable)?;
-        Ok(Store { pool, dialect })
+        let (control, write_gate) = match dialect {
+            Dialect::Sqlite => (pool.clone(), Some(Default::default())),
+            Dialect::MySql => (
+                AnyPoolOptions::new()
+                    .max_connections(2)
+                    .min_connections(1)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(control_options)
+                    .await
+                    .map_err(StoreError::Unavailable)?,
+                None,
+            ),
+        };
+        Ok(Store {
+            pool,
+            control,
+            write_gate,
+            dialect,
+        })
+    }
+
+    /// Waits for this process's turn to write (SQLite only; MySQL writers run in parallel).
+    async fn write_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match &self.write_gate {
+            Some(gate) => Some(gate.clone().lock_owned().await),
+            None => None,
+        }
     }
 
     /// Runs `op` with a deadline; a late operation is dropped, and with it its connection.
@@ -178,7 +221,7 @@ impl Store {
     /// One round trip: is the database there?
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.timed(OP_TIMEOUT, async move {
-            let mut conn = self.pool.acquire().await?;
+            let mut conn = self.control.acquire().await?;
             conn.ping().await?;
             Ok(())
         })
@@ -187,6 +230,7 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+        self.control.close().await;
     }
 
     /// `INSERT IGNORE` (MySQL) / `INSERT OR IGNORE` (SQLite).

@@ -1,0 +1,285 @@
+//! Every job this node fires, and every fire between being recorded and being sent, in one
+//! structure behind one short-held lock. No I/O and no waiting here: the recorder, the
+//! sender and API writes each take the lock for microseconds and do their I/O outside it.
+//!
+//! A job's life in the table:
+//! - *armed*: its next time is in `to_record`;
+//! - *in flight*: fires of it are in a batch being committed (`in_flight > 0`); a write
+//!   waits for that batch to finish, so the database never sees a fire of a definition
+//!   that has been replaced;
+//! - *recorded*: its committed fires wait in `to_send` for their instant;
+//! - *held*: an API write took it out (with its unsent fires) and puts it back after the
+//!   database answered.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::job::Job;
+
+/// A fire recorded in the store, to be sent at `scheduled_at` (or at once if late).
+#[derive(Debug, Clone)]
+pub(crate) struct RecordedFire {
+    pub job: Arc<Job>,
+    /// The generation of the job's entry that produced this fire.
+    pub generation: u64,
+    pub scheduled_at: i64,
+    pub fired_at: i64,
+}
+
+struct Entry {
+    job: Arc<Job>,
+    generation: u64,
+    /// Next time to record; None: known but not armed (paused or finished).
+    next: Option<i64>,
+    /// Fires of this entry in batches being committed.
+    in_flight: u32,
+    /// Scheduled times of this job's fires waiting in `to_send`.
+    unsent: Vec<i64>,
+}
+
+/// What a write took out of the table; [`Table::restore`] puts it back if the write failed.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    pub previous: Option<(Arc<Job>, Option<i64>)>,
+    /// Recorded fires of the old definition that were not sent and now never will be.
+    pub cancelled: Vec<RecordedFire>,
+}
+
+impl Held {
+    pub fn cancelled_times(&self) -> Vec<i64> {
+        self.cancelled.iter().map(|f| f.scheduled_at).collect()
+    }
+}
+
+/// The job has fires in a batch being committed; wait for the batch and try again.
+#[derive(Debug)]
+pub(crate) struct InFlight;
+
+#[derive(Default)]
+pub(crate) struct Table {
+    jobs: HashMap<Arc<str>, Entry>,
+    to_record: BTreeSet<(i64, Arc<str>)>,
+    to_send: BTreeMap<(i64, Arc<str>), RecordedFire>,
+    generation: u64,
+    /// Last manual fire time per job, so two triggers in one millisecond get distinct times.
+    last_manual: HashMap<Arc<str>, i64>,
+}
+
+impl Table {
+    /// Adds or replaces a job (a fresh generation); fires first at `due`. True if `due` is
+    /// now the earliest time to record.
+    pub fn arm(&mut self, job: Arc<Job>, due: Option<i64>) -> bool {
+        let id = job.id.clone();
+        self.generation += 1;
+        let entry = Entry {
+            job,
+            generation: self.generation,
+            next: due,
+            in_flight: 0,
+            unsent: Vec::new(),
+        };
+        if let Some(old) = self.jobs.insert(id.clone(), entry) {
+            // Replacing without `hold` (a slot reloaded): the old entry's unsent fires are
+            // the store's pending rows, and the reload resumed them from there.
+            if let Some(n) = old.next {
+                self.to_record.remove(&(n, id.clone()));
+            }
+            for t in old.unsent {
+                self.to_send.remove(&(t, id.clone()));
+            }
+        }
+        let Some(d) = due else {
+            return false;
+        };
+        self.to_record.insert((d, id.clone()));
+        self.to_record
+            .first()
+            .is_some_and(|(t, first)| *t == d && *first == id)
+    }
+
+    /// Takes the job out for a write: it is neither recorded nor sent until it is armed (or
+    /// restored) again. Its recorded, unsent fires are cancelled and returned.
+    pub fn hold(&mut self, id: &str) -> Result<Held, InFlight> {
+        let Some(entry) = self.jobs.get(id) else {
+            return Ok(Held::default());
+        };
+        if entry.in_flight > 0 {
+            return Err(InFlight);
+        }
+        let (key, entry) = self.jobs.remove_entry(id).expect("present");
+        if let Some(n) = entry.next {
+            self.to_record.remove(&(n, key.clone()));
+        }
+        let cancelled = entry
+            .unsent
+            .iter()
+            .filter_map(|t| self.to_send.remove(&(*t, key.clone())))
+            .collect();
+        self.last_manual.remove(&key);
+        Ok(Held {
+            previous: Some((entry.job, entry.next)),
+            cancelled,
+        })
+    }
+
+    /// Undoes [`Table::hold`] after a failed write: the old definition and its unsent fires
+    /// (whose rows are still in the store) are back.
+    pub fn restore(&mut self, held: Held) {
+        let Some((job, next)) = held.previous else {
+            return;
+        };
+        let id = job.id.clone();
+        self.arm(job, next);
+        let generation = self.jobs[&id].generation;
+        for mut fire in held.cancelled {
+            fire.generation = generation;
+            self.push_unsent(fire);
+        }
+    }
+
+    fn push_unsent(&mut self, fire: RecordedFire) {
+        let id = fire.job.id.clone();
+        if let Some(e) = self.jobs.get_mut(&id) {
+            e.unsent.push(fire.scheduled_at);
+            self.to_send.insert((fire.scheduled_at, id), fire);
+        }
+    }
+
+    /// Removes every job of `slots`; returns their recorded fires that were not sent.
+    pub fn drop_slots(&mut self, slots: &std::collections::HashSet<u32>) -> Vec<RecordedFire> {
+        let ids: Vec<Arc<str>> = self
+            .jobs
+            .iter()
+            .filter(|(_, e)| slots.contains(&e.job.slot))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut unsent = Vec::new();
+        for id in ids {
+            let e = self.jobs.remove(&id).expect("present");
+            if let Some(n) = e.next {
+                self.to_record.remove(&(n, id.clone()));
+            }
+            for t in e.unsent {
+                unsent.extend(self.to_send.remove(&(t, id.clone())));
+            }
+            self.last_manual.remove(&id);
+        }
+        unsent
+    }
+
+    /// Whether any job of `slots` has fires in a batch being committed.
+    pub fn in_flight_in(&self, slots: &std::collections::HashSet<u32>) -> bool {
+        self.jobs
+            .values()
+            .any(|e| e.in_flight > 0 && slots.contains(&e.job.slot))
+    }
+
+    /// The earliest time still to be recorded.
+    pub fn next_to_record(&self) -> Option<i64> {
+        self.to_record.first().map(|(t, _)| *t)
+    }
+
+    /// Takes up to `max` jobs whose next time is at or before `until`, in time order, and
+    /// marks them in flight. `plan` gets each job and its due time and returns the job's
+    /// next time after this fire (and whatever it recorded), so the job is re-armed at once.
+    pub fn take_due(
+        &mut self,
+        until: i64,
+        max: usize,
+        mut plan: impl FnMut(&Arc<Job>, u64, i64) -> Option<i64>,
+    ) -> usize {
+        let mut taken = 0;
+        while taken < max {
+            let Some((due, _)) = self.to_record.first() else {
+                break;
+            };
+            if *due > until {
+                break;
+            }
+            let (due, id) = self.to_record.pop_first().expect("present");
+            let Some(e) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            e.in_flight += 1;
+            let next = plan(&e.job, e.generation, due);
+            e.next = next;
+            if let Some(n) = next {
+                self.to_record.insert((n, id));
+            }
+            taken += 1;
+        }
+        taken
+    }
+
+    /// A batch finished: `fires` holds one fire per job taken by [`Table::take_due`] (each
+    /// take counted once towards its entry's `in_flight`). `committed` says whether a fire
+    /// is this node's to send; it is queued only if its job is still the generation that
+    /// produced it.
+    pub fn finish_batch(
+        &mut self,
+        fires: Vec<RecordedFire>,
+        committed: impl Fn(&RecordedFire) -> bool,
+    ) {
+        for fire in fires {
+            let Some(e) = self.jobs.get_mut(&fire.job.id) else {
+                continue;
+            };
+            if e.generation != fire.generation {
+                continue;
+            }
+            e.in_flight = e.in_flight.saturating_sub(1);
+            if committed(&fire) {
+                self.push_unsent(fire);
+            }
+        }
+    }
+
+    /// The earliest recorded fire's time.
+    pub fn next_to_send(&self) -> Option<i64> {
+        self.to_send.first_key_value().map(|((t, _), _)| *t)
+    }
+
+    /// Takes every recorded fire due at or before `now`.
+    pub fn take_sendable(&mut self, now: i64, out: &mut Vec<RecordedFire>) {
+        while let Some(entry) = self.to_send.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let fire = entry.remove();
+            if let Some(e) = self.jobs.get_mut(&fire.job.id)
+                && let Some(i) = e.unsent.iter().position(|t| *t == fire.scheduled_at)
+            {
+                e.unsent.swap_remove(i);
+            }
+            out.push(fire);
+        }
+    }
+
+    /// A manual fire's time: `now`, or the next free millisecond of this job (after its last
+    /// trigger, and not the time of a scheduled fire of it that is armed or recorded).
+    pub fn manual_time(&mut self, id: &Arc<str>, now: i64) -> i64 {
+        let mut t = match self.last_manual.get(id) {
+            Some(&last) if last >= now => last + 1,
+            _ => now,
+        };
+        if let Some(e) = self.jobs.get(id) {
+            while e.next == Some(t) || e.unsent.contains(&t) {
+                t += 1;
+            }
+        }
+        self.last_manual.insert(id.clone(), t);
+        t
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn armed(&self) -> usize {
+        self.to_record.len()
+    }
+
+    pub fn unsent(&self) -> usize {
+        self.to_send.len()
+    }
+}
