@@ -283,3 +283,109 @@ impl Table {
         self.to_send.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Callback, HttpCallback, RetryPolicy, Target};
+    use crate::schedule::Schedule;
+
+    fn job(id: &str, slot: u32) -> Arc<Job> {
+        let target = Target {
+            callback: Callback::Http(HttpCallback {
+                url: "http://h/".into(),
+                method: crate::job::HttpMethod::Post,
+                headers: Default::default(),
+                timeout_ms: 1000,
+            }),
+            payload: serde_json::value::RawValue::from_string("null".into()).unwrap(),
+            retry: RetryPolicy::default(),
+            secret: None,
+        };
+        Arc::new(Job {
+            id: id.into(),
+            slot,
+            schedule: Schedule::parse("@every 1s", chrono_tz::UTC).unwrap(),
+            target: Arc::new(target),
+            paused: false,
+            active_since: 0,
+        })
+    }
+
+    /// Takes what is due by `until`, re-arming each job one second later.
+    fn take(t: &mut Table, until: i64) -> Vec<RecordedFire> {
+        let mut fires = Vec::new();
+        t.take_due(until, 100, |job, generation, due| {
+            fires.push(RecordedFire {
+                job: job.clone(),
+                generation,
+                scheduled_at: due,
+                fired_at: due,
+            });
+            Some(due + 1000)
+        });
+        fires
+    }
+
+    #[test]
+    fn arm_reports_a_new_earliest_time() {
+        let mut t = Table::default();
+        assert!(t.arm(job("a", 0), Some(5_000)));
+        assert!(!t.arm(job("b", 0), Some(9_000)), "later than the earliest");
+        assert!(t.arm(job("c", 0), Some(1_000)));
+        assert!(!t.arm(job("d", 0), None));
+        assert_eq!((t.len(), t.armed()), (4, 3));
+    }
+
+    #[test]
+    fn a_recorded_fire_is_sent_once_unless_a_write_cancels_it() {
+        let mut t = Table::default();
+        t.arm(job("a", 0), Some(1_000));
+        t.arm(job("b", 0), Some(1_000));
+        let fires = take(&mut t, 2_500);
+        assert_eq!(fires.len(), 4, "both jobs, at 1,000 and 2,000");
+        // While the batch is committed, a write of `a` must wait.
+        assert!(t.hold("a").is_err());
+        t.finish_batch(fires, |_| true);
+        assert_eq!(t.unsent(), 4);
+        let held = t.hold("a").expect("batch finished");
+        assert_eq!(held.cancelled_times(), vec![1_000, 2_000]);
+        let mut out = Vec::new();
+        t.take_sendable(2_000, &mut out);
+        let sent: Vec<(&str, i64)> = out.iter().map(|f| (&*f.job.id, f.scheduled_at)).collect();
+        assert_eq!(sent, vec![("b", 1_000), ("b", 2_000)]);
+        // The write failed: the old definition and its unsent fires come back.
+        t.restore(held);
+        out.clear();
+        t.take_sendable(2_000, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(t.next_to_record(), Some(3_000));
+    }
+
+    #[test]
+    fn a_fire_of_a_replaced_generation_is_not_queued() {
+        let mut t = Table::default();
+        t.arm(job("a", 7), Some(1_000));
+        let fires = take(&mut t, 1_000);
+        // The slot was dropped and loaded again while the batch was in flight.
+        let unsent = t.drop_slots(&[7].into_iter().collect());
+        assert!(unsent.is_empty());
+        t.arm(job("a", 7), Some(1_000));
+        t.finish_batch(fires, |_| true);
+        assert_eq!(t.unsent(), 0, "the reloaded job records its own fires");
+        assert!(
+            t.hold("a").is_ok(),
+            "nothing of the new generation is in flight"
+        );
+    }
+
+    #[test]
+    fn manual_times_avoid_scheduled_ones_and_each_other() {
+        let mut t = Table::default();
+        let j = job("a", 0);
+        t.arm(j.clone(), Some(1_000));
+        assert_eq!(t.manual_time(&j.id, 1_000), 1_001);
+        assert_eq!(t.manual_time(&j.id, 1_000), 1_002);
+        assert_eq!(t.manual_time(&j.id, 5_000), 5_000);
+    }
+}
