@@ -231,7 +231,7 @@ async fn to_completion<T: Send + 'static>(
 /// (`written`), and the scheduler then arms `new` or puts back the old definition.
 fn undo(
     state: &ApiState,
-    guard: tokio::sync::OwnedMutexGuard<()>,
+    guard: crate::cluster::WriteGuard,
     id: &str,
     held: Held,
     error: StoreError,
@@ -410,7 +410,7 @@ pub async fn trigger(
 async fn lock_existing(
     state: &ApiState,
     id: &str,
-) -> Result<(tokio::sync::OwnedMutexGuard<()>, JobRecord), ApiError> {
+) -> Result<(crate::cluster::WriteGuard, JobRecord), ApiError> {
     state.require_lease(id)?;
     let guard = state.lock(id).await;
     let rec = state

@@ -23,11 +23,6 @@ use crate::cluster::{Cluster, Leases};
 use crate::scheduler::SchedulerHandle;
 use crate::store::Store;
 
-/// Stripes of the per-job write lock: writes to one job are serialized (disarm → write →
-/// arm must not interleave with another write of the same job); writes to different jobs
-/// rarely share a stripe.
-const LOCK_STRIPES: usize = 1024;
-
 /// Shared by all handlers; every field is cheap to clone.
 #[derive(Clone)]
 pub struct ApiState {
@@ -44,7 +39,6 @@ pub struct ApiState {
     rules: crate::job::TargetRules,
     api_token: Option<Arc<str>>,
     ready: Arc<AtomicBool>,
-    locks: Arc<[Arc<tokio::sync::Mutex<()>>]>,
 }
 
 pub struct ApiConfig {
@@ -79,7 +73,6 @@ impl ApiState {
             rules: config.rules,
             api_token: config.api_token.map(Into::into),
             ready: Arc::new(AtomicBool::new(false)),
-            locks: (0..LOCK_STRIPES).map(|_| Default::default()).collect(),
         }
     }
 
@@ -105,9 +98,10 @@ impl ApiState {
         }
     }
 
-    async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let stripe = crate::job::slot_of(id) as usize % LOCK_STRIPES;
-        self.locks[stripe].clone().lock_owned().await
+    /// Serializes writes of the job's slot, and keeps a handover of the slot waiting until
+    /// the write has armed (or put back) what it wrote.
+    async fn lock(&self, id: &str) -> crate::cluster::WriteGuard {
+        self.leases.write_lock(crate::job::slot_of(id)).await
     }
 
     /// The lease a write of job `id` is fenced with in its transaction.

@@ -1,7 +1,7 @@
 //! The slot leases this node holds, as last confirmed by the database.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy)]
@@ -25,12 +25,47 @@ impl Held {
 /// The slots this node holds, with the epoch of each lease. Shared with the scheduler (which
 /// fences each batch of fires with it and sends a fire only while its lease is valid) and
 /// the API (which writes only jobs of held slots).
-#[derive(Default)]
+///
+/// It also serializes job writes per slot ([`Leases::write_lock`]): a handover takes the
+/// locks of the slots it gives away ([`Leases::lock_writes`]), so each write either ends
+/// before the handover starts (and what it armed is handed over) or finds the slot gone.
 pub struct Leases {
     held: RwLock<HashMap<u32, Held>>,
+    write_locks: Box<[Arc<tokio::sync::Mutex<()>>]>,
 }
 
+impl Default for Leases {
+    fn default() -> Self {
+        Leases {
+            held: Default::default(),
+            write_locks: (0..crate::job::SLOTS).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+/// Held while a job write of a slot runs (or while a handover of the slot runs).
+pub type WriteGuard = tokio::sync::OwnedMutexGuard<()>;
+
 impl Leases {
+    /// Waits for the slot's turn to write a job of it.
+    pub async fn write_lock(&self, slot: u32) -> WriteGuard {
+        let lock = &self.write_locks[slot as usize % self.write_locks.len()];
+        lock.clone().lock_owned().await
+    }
+
+    /// Waits until no write of `slots` runs and keeps new ones out while the guards live.
+    /// Takes the locks in slot order (a write takes one), so two callers cannot deadlock.
+    pub(crate) async fn lock_writes(&self, slots: &[u32]) -> Vec<WriteGuard> {
+        let mut sorted: Vec<u32> = slots.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut guards = Vec::with_capacity(sorted.len());
+        for s in sorted {
+            guards.push(self.write_lock(s).await);
+        }
+        guards
+    }
+
     /// Held and not past its local deadline.
     pub fn holds(&self, slot: u32) -> bool {
         let now = Instant::now();

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use leases::Leases;
+pub use leases::{Leases, WriteGuard};
 pub use ring::Ring;
 
 pub(crate) const KEY_HTTP_ADDR: &str = "chime.http_addr";

@@ -34,7 +34,9 @@ use crate::cluster::Leases;
 use crate::delivery::{DeliveryHandle, DeliveryTask};
 use crate::job::Job;
 use crate::metrics;
-use crate::store::{BatchOutcome, ExecKey, ExecStatus, NewFire, Store, StoreError};
+use crate::store::{
+    BatchOutcome, ExecKey, ExecStatus, NewFire, PendingDelivery, Store, StoreError,
+};
 use table::Table;
 
 pub(crate) use table::Held;
@@ -142,6 +144,24 @@ impl SchedulerHandle {
         }
     }
 
+    /// Queues fires handed back unsent by a slot's previous owner (pending rows at attempt
+    /// 0) under their jobs, which must be armed already: a write of the job then cancels
+    /// them like its own recorded fires. Returns those whose job is not in the table.
+    pub fn adopt(&self, pending: Vec<PendingDelivery>) -> Vec<PendingDelivery> {
+        let mut rest = Vec::new();
+        {
+            let mut table = self.shared.table();
+            for p in pending {
+                if !table.adopt(&p.key.job_id, p.slot, p.key.scheduled_at, p.fired_at) {
+                    rest.push(p);
+                }
+            }
+        }
+        self.shared.send_wake.notify_one();
+        self.publish_stats();
+        rest
+    }
+
     /// Takes a job out for a write: from now on none of its fires is recorded or sent until
     /// [`SchedulerHandle::arm`] (the write succeeded) or [`SchedulerHandle::restore`] (it
     /// failed). Its fires recorded but not sent are cancelled and listed in the result: the
@@ -153,8 +173,15 @@ impl SchedulerHandle {
             let done = self.shared.batch_done.notified();
             tokio::pin!(done);
             done.as_mut().enable();
-            let held = self.shared.table().hold(id);
-            if let Ok(held) = held {
+            let now = now_ms();
+            let held = self.shared.table().hold(id, now);
+            if let Ok(mut held) = held {
+                sender::dispatch(
+                    std::mem::take(&mut held.due),
+                    now,
+                    &self.leases,
+                    &self.delivery,
+                );
                 self.publish_stats();
                 return Ok(held);
             }

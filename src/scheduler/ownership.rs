@@ -39,6 +39,8 @@ pub const TICK: Duration = Duration::from_millis(500);
 /// A lease is trusted locally until TTL − this after the renewal that confirmed it was sent:
 /// the margin covers clock-rate differences and the time a fire takes to leave.
 const LOCAL_MARGIN: Duration = Duration::from_secs(1);
+/// Longest a handover waits for job writes of its slots to end.
+const WRITES_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Ownership {
     pub node_id: Arc<str>,
@@ -217,10 +219,18 @@ impl Ownership {
             })
             .await?;
         chunks.push(chunk);
-        self.delivery.submit(delivery::resume_tasks(pending));
+        // Fires the previous owner recorded and handed back unsent (attempt 0) join their
+        // jobs in the scheduler, where a write cancels them; everything else is a delivery
+        // to resume.
+        let (handed_back, resumed): (Vec<_>, Vec<_>) = pending
+            .into_iter()
+            .partition(|p| p.attempts == 0 && p.request.is_empty());
+        self.delivery.submit(delivery::resume_tasks(resumed));
         for c in chunks {
             self.scheduler.arm_many(c);
         }
+        let orphans = self.scheduler.adopt(handed_back);
+        self.delivery.submit(delivery::resume_tasks(orphans));
         Ok((jobs, n))
     }
 
@@ -228,6 +238,17 @@ impl Ownership {
     /// to the queue (so the next owner sends attempt 1 on time) and frees their leases for
     /// the next owner.
     async fn drop_slots(&self, slots: &[u32], release: bool) {
+        // A handover first waits for job writes of these slots to end: a write that took a
+        // job's recorded fires out of the scheduler puts them back (or arms its own) before
+        // they are handed over. Bounded: a write whose outcome is being settled against an
+        // unreachable database may hold its slot for a minute.
+        let _writes = if release {
+            tokio::time::timeout(WRITES_WAIT, self.leases.lock_writes(slots))
+                .await
+                .ok()
+        } else {
+            None
+        };
         let unsent = self.scheduler.drop_slots(slots, release).await;
         if release {
             let leases = self.leases.epochs_of(slots.iter().copied());
@@ -248,6 +269,10 @@ impl Ownership {
         if slots.is_empty() {
             return;
         }
+        // As in a handover: writes end first, and later ones find no lease.
+        let _writes = tokio::time::timeout(WRITES_WAIT, self.leases.lock_writes(&slots))
+            .await
+            .ok();
         // Bounded: during a database outage a batch may be stuck retrying.
         let unsent = self.scheduler.drop_slots(&slots, true).await;
         let leases = self.leases.epochs_of(slots.iter().copied());
@@ -307,11 +332,14 @@ pub async fn renew(
                     tracing::info!("lease renewal works again");
                 }
                 leases.renewed(&renewed, sent_at + LEASE_TTL - LOCAL_MARGIN);
-                let lost: Vec<(u32, i64)> = known
+                let mut lost: Vec<(u32, i64)> = known
                     .iter()
                     .filter(|(s, e)| renewed.get(s) != Some(e))
                     .map(|(s, e)| (*s, *e))
                     .collect();
+                // Slots released (a handover) while the renewal ran are not lost.
+                let still_held = leases.still_at(&lost);
+                lost.retain(|(s, _)| still_held.contains(s));
                 if !lost.is_empty() {
                     tracing::warn!(
                         slots = lost.len(),

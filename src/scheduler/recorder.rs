@@ -151,6 +151,7 @@ impl Recorder {
                     generation,
                     scheduled_at: fire_at,
                     fired_at,
+                    claimed: true,
                 });
                 let next = job.schedule.next_after(fire_at, job.active_since);
                 b.progress.insert(

@@ -1,5 +1,5 @@
 //! Keeps execution history bounded: the newest `keep` per job, and nothing finished older
-//! than `max_age`. Pending deliveries are never pruned.
+//! than `max_age`. Pending deliveries are never pruned. Fire batch ids go after an hour.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use crate::store::Store;
 
 const AGE_SWEEP_EVERY: Duration = Duration::from_secs(60);
 const AGE_SWEEP_ROWS: u32 = 10_000;
+const FIRE_BATCH_KEEP_MS: i64 = 3_600_000;
 
 /// `jobs_rx` receives ids of jobs whose history grew by a tenth of `keep`.
 pub(super) async fn run(
@@ -44,6 +45,11 @@ pub(super) async fn run(
                 }
             }
             _ = sweep.tick() => {
+                // A batch id is looked up only while its commit's outcome is unknown, seconds
+                // after it was written; an hour is ample.
+                if let Err(e) = store.prune_fire_batches(now_ms() - FIRE_BATCH_KEEP_MS).await {
+                    tracing::warn!(error = %e, "cannot prune fire batch ids, will retry");
+                }
                 let cutoff = now_ms() - max_age.as_millis() as i64;
                 loop {
                     match store.prune_older_than(cutoff, AGE_SWEEP_ROWS).await {

@@ -24,6 +24,9 @@ pub(crate) struct RecordedFire {
     pub generation: u64,
     pub scheduled_at: i64,
     pub fired_at: i64,
+    /// True when its row already counts attempt 1 (recorded here); false for a fire handed
+    /// back by the slot's previous owner (attempt 0), which delivery claims before sending.
+    pub claimed: bool,
 }
 
 struct Entry {
@@ -41,8 +44,11 @@ struct Entry {
 #[derive(Debug, Default)]
 pub(crate) struct Held {
     pub previous: Option<(Arc<Job>, Option<i64>)>,
-    /// Recorded fires of the old definition that were not sent and now never will be.
+    /// Recorded fires of the old definition not yet due: they are never sent.
     pub cancelled: Vec<RecordedFire>,
+    /// Recorded fires due already (at or before the write) that the sender had not taken
+    /// yet: they belong to the old definition's past and are sent, not cancelled.
+    pub due: Vec<RecordedFire>,
 }
 
 impl Held {
@@ -98,8 +104,10 @@ impl Table {
     }
 
     /// Takes the job out for a write: it is neither recorded nor sent until it is armed (or
-    /// restored) again. Its recorded, unsent fires are cancelled and returned.
-    pub fn hold(&mut self, id: &str) -> Result<Held, InFlight> {
+    /// restored) again. Its recorded fires due after `now` are cancelled and returned; those
+    /// due by `now` are returned for sending at once (cancelling them would lose a fire that
+    /// was due before the write came).
+    pub fn hold(&mut self, id: &str, now: i64) -> Result<Held, InFlight> {
         let Some(entry) = self.jobs.get(id) else {
             return Ok(Held::default());
         };
@@ -110,15 +118,16 @@ impl Table {
         if let Some(n) = entry.next {
             self.to_record.remove(&(n, key.clone()));
         }
-        let cancelled = entry
+        let (due, cancelled) = entry
             .unsent
             .iter()
             .filter_map(|t| self.to_send.remove(&(*t, key.clone())))
-            .collect();
+            .partition(|f| f.scheduled_at <= now);
         self.last_manual.remove(&key);
         Ok(Held {
             previous: Some((entry.job, entry.next)),
             cancelled,
+            due,
         })
     }
 
@@ -135,6 +144,27 @@ impl Table {
             fire.generation = generation;
             self.push_unsent(fire);
         }
+    }
+
+    /// Queues a fire recorded by the slot's previous owner and handed back unsent (its row
+    /// at attempt 0), under its job as loaded here, so that a write cancels it like any
+    /// recorded fire. False if the job is not in the table (or has that fire already).
+    pub fn adopt(&mut self, id: &str, slot: u32, scheduled_at: i64, fired_at: i64) -> bool {
+        let Some(e) = self.jobs.get(id) else {
+            return false;
+        };
+        if e.job.slot != slot || e.unsent.contains(&scheduled_at) {
+            return false;
+        }
+        let fire = RecordedFire {
+            job: e.job.clone(),
+            generation: e.generation,
+            scheduled_at,
+            fired_at,
+            claimed: false,
+        };
+        self.push_unsent(fire);
+        true
     }
 
     fn push_unsent(&mut self, fire: RecordedFire) {
@@ -321,6 +351,7 @@ mod tests {
                 generation,
                 scheduled_at: due,
                 fired_at: due,
+                claimed: true,
             });
             Some(due + 1000)
         });
@@ -345,10 +376,10 @@ mod tests {
         let fires = take(&mut t, 2_500);
         assert_eq!(fires.len(), 4, "both jobs, at 1,000 and 2,000");
         // While the batch is committed, a write of `a` must wait.
-        assert!(t.hold("a").is_err());
+        assert!(t.hold("a", 0).is_err());
         t.finish_batch(fires, |_| true);
         assert_eq!(t.unsent(), 4);
-        let held = t.hold("a").expect("batch finished");
+        let held = t.hold("a", 0).expect("batch finished");
         assert_eq!(held.cancelled_times(), vec![1_000, 2_000]);
         let mut out = Vec::new();
         t.take_sendable(2_000, &mut out);
@@ -374,9 +405,39 @@ mod tests {
         t.finish_batch(fires, |_| true);
         assert_eq!(t.unsent(), 0, "the reloaded job records its own fires");
         assert!(
-            t.hold("a").is_ok(),
+            t.hold("a", 0).is_ok(),
             "nothing of the new generation is in flight"
         );
+    }
+
+    #[test]
+    fn a_write_sends_the_fires_already_due_and_cancels_the_rest() {
+        let mut t = Table::default();
+        t.arm(job("a", 0), Some(1_000));
+        let fires = take(&mut t, 2_500);
+        t.finish_batch(fires, |_| true);
+        // The write comes at 1,500: the sender has not taken the fire of 1,000 yet.
+        let held = t.hold("a", 1_500).expect("nothing in flight");
+        let due: Vec<i64> = held.due.iter().map(|f| f.scheduled_at).collect();
+        assert_eq!(due, vec![1_000]);
+        assert_eq!(held.cancelled_times(), vec![2_000]);
+        // A failed write puts back only what was cancelled: the due fire was sent.
+        t.restore(held);
+        assert_eq!(t.unsent(), 1);
+    }
+
+    #[test]
+    fn a_handed_back_fire_is_adopted_by_its_loaded_job() {
+        let mut t = Table::default();
+        t.arm(job("a", 3), Some(5_000));
+        assert!(t.adopt("a", 3, 4_000, 3_990));
+        assert!(!t.adopt("a", 3, 4_000, 3_990), "the same fire twice");
+        assert!(!t.adopt("gone", 3, 4_000, 3_990), "no such job here");
+        assert!(!t.adopt("a", 4, 4_000, 3_990), "not the job's slot");
+        // A write cancels it like a fire recorded here.
+        let held = t.hold("a", 3_000).expect("nothing in flight");
+        assert_eq!(held.cancelled_times(), vec![4_000]);
+        assert!(!held.cancelled[0].claimed);
     }
 
     #[test]

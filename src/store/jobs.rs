@@ -273,8 +273,9 @@ async fn insert(tx: &mut sqlx::AnyConnection, job: &JobRecord) -> Result<(), Sto
 }
 
 /// Deletes the job's fires recorded ahead that the scheduler took back before sending them.
-/// Only rows that look never attempted (pending, `attempts = 1`, no error) go; the
-/// scheduler answered that none of them was sent.
+/// Only rows that look never attempted go (pending, no error, `attempts = 1` as recorded
+/// or `0` as handed back by a slot's previous owner); the scheduler answered that none of
+/// them was sent.
 async fn delete_unsent(
     tx: &mut sqlx::AnyConnection,
     id: &str,
@@ -282,7 +283,7 @@ async fn delete_unsent(
 ) -> Result<(), StoreError> {
     for chunk in cancelled.chunks(500) {
         let sql = sqlx::AssertSqlSafe(format!(
-            "DELETE FROM executions WHERE job_id = ? AND status = 'pending' AND attempts = 1 \
+            "DELETE FROM executions WHERE job_id = ? AND status = 'pending' AND attempts <= 1 \
              AND last_error IS NULL AND scheduled_at IN ({})",
             in_list(chunk.len())
         ));

@@ -92,6 +92,17 @@ const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of bulk reads (loading the jobs of many slots) and of migrations.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Every MySQL session reads committed data. chime's writes are conditional statements that
+/// check what they need (the lease fence, `attempts`, `status`) on the latest committed row,
+/// so repeatable-read snapshots buy nothing; its gap and next-key locks, though, made fire
+/// batches deadlock with job writes and lease releases that touched neighbouring keys.
+async fn set_mysql_session(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -137,6 +148,8 @@ impl Store {
                         sqlx::query("PRAGMA busy_timeout = 5000")
                             .execute(&mut *conn)
                             .await?;
+                    } else {
+                        set_mysql_session(conn).await?;
                     }
                     Ok(())
                 })
@@ -151,6 +164,7 @@ impl Store {
                     .max_connections(2)
                     .min_connections(1)
                     .acquire_timeout(Duration::from_secs(5))
+                    .after_connect(|conn, _| Box::pin(set_mysql_session(conn)))
                     .connect_with(control_options)
                     .await
                     .map_err(StoreError::Unavailable)?,
