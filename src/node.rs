@@ -68,6 +68,7 @@ pub async fn serve(
 
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    tasks.spawn(store.clone().run_checkpoints(cancel.child_token()));
     let leases = Arc::new(Leases::default());
     let delivery = delivery::spawn(
         delivery::DeliveryConfig {

@@ -617,7 +617,7 @@ async fn history_is_pruned_but_pending_kept(Db { store, .. }: Db) {
         .map(|t| (key("h", t), 1, Outcome::Succeeded { status: 204 }))
         .collect();
     store.record_outcomes(&done).await.unwrap();
-    let removed = store.prune_job_history("h", 3).await.unwrap();
+    let removed = store.prune_job_history(&["h".into()], 3).await.unwrap();
     assert_eq!(
         removed, 6,
         "7 older than the newest 3, minus the pending one"

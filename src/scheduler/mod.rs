@@ -210,6 +210,7 @@ impl SchedulerHandle {
         let slots: HashSet<u32> = slots.iter().copied().collect();
         let deadline = tokio::time::Instant::now() + HOLD_TIMEOUT;
         if wait {
+            self.shared.table().disarm_slots(&slots);
             loop {
                 let done = self.shared.batch_done.notified();
                 tokio::pin!(done);

@@ -14,6 +14,9 @@ use crate::store::Store;
 const AGE_SWEEP_EVERY: Duration = Duration::from_secs(60);
 const AGE_SWEEP_ROWS: u32 = 10_000;
 const FIRE_BATCH_KEEP_MS: i64 = 3_600_000;
+/// Jobs whose history is pruned in one transaction.
+const PRUNE_GROUP: usize = 500;
+const GATHER: Duration = Duration::from_secs(1);
 
 /// `jobs_rx` receives ids of jobs whose history grew by a tenth of `keep`.
 pub(super) async fn run(
@@ -30,13 +33,21 @@ pub(super) async fn run(
             _ = cancel.cancelled() => break,
             Some(id) = jobs_rx.recv() => {
                 due.insert(id);
+                // Nothing here is urgent: let a second's requests gather, so that thousands
+                // of jobs firing together are pruned in a few commits, not one each.
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(GATHER) => {}
+                }
                 while let Ok(id) = jobs_rx.try_recv() {
                     due.insert(id);
                 }
-                while let Some(id) = due.pop_first() {
-                    if let Err(e) = store.prune_job_history(&id, keep).await {
-                        tracing::warn!(error = %e, job_id = %id, "cannot prune execution history, will retry");
-                        due.insert(id);
+                while !due.is_empty() {
+                    let group: Vec<Arc<str>> =
+                        std::iter::from_fn(|| due.pop_first()).take(PRUNE_GROUP).collect();
+                    if let Err(e) = store.prune_job_history(&group, keep).await {
+                        tracing::warn!(error = %e, jobs = group.len(), "cannot prune execution history, will retry");
+                        due.extend(group);
                         break;
                     }
                     if cancel.is_cancelled() {

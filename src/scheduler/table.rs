@@ -197,6 +197,18 @@ impl Table {
         unsent
     }
 
+    /// Stops recording fires of `slots` (a handover about to drop them): batches already
+    /// taken still finish, and no new one starts, so waiting for them ends.
+    pub fn disarm_slots(&mut self, slots: &std::collections::HashSet<u32>) {
+        for (id, e) in self.jobs.iter_mut() {
+            if slots.contains(&e.job.slot)
+                && let Some(n) = e.next.take()
+            {
+                self.to_record.remove(&(n, id.clone()));
+            }
+        }
+    }
+
     /// Whether any job of `slots` has fires in a batch being committed.
     pub fn in_flight_in(&self, slots: &std::collections::HashSet<u32>) -> bool {
         self.jobs

@@ -377,11 +377,13 @@ impl Store {
                 .map(|(k, _)| k)
                 .collect();
             for chunk in fires.chunks(CHUNK) {
+                // Keys as OR terms, not a row-value IN list: SQLite looks those up by key.
                 let sql = sqlx::AssertSqlSafe(format!(
                     "UPDATE executions SET attempts = 0, next_attempt_at = scheduled_at \
-                     WHERE status = 'pending' AND attempts = 1 AND last_error IS NULL AND node = ? \
-                     AND (job_id, scheduled_at) IN ({})",
-                    vec!["(?, ?)"; chunk.len()].join(", ")
+                     WHERE {} AND attempts = 1 AND last_error IS NULL AND node = ? \
+                     AND ({})",
+                    self.pending_by_key(),
+                    vec!["(job_id = ? AND scheduled_at = ?)"; chunk.len()].join(" OR ")
                 ));
                 let mut q = sqlx::query(sql).bind(node.to_string());
                 for k in chunk {
@@ -454,7 +456,8 @@ impl Store {
                     let sql = sqlx::AssertSqlSafe(format!(
                         "UPDATE executions SET status = 'succeeded', response_status = ?, \
                          last_error = NULL, next_attempt_at = NULL, request = '' \
-                         WHERE status = 'pending' AND ({conds})"
+                         WHERE {} AND ({conds})",
+                        self.pending_by_key()
                     ));
                     let mut q = sqlx::query(sql).bind(i64::from(status));
                     for &i in chunk {
@@ -651,31 +654,42 @@ impl Store {
         .await
     }
 
-    /// Keeps the newest `keep` executions of a job; deletes older finished ones.
-    pub async fn prune_job_history(&self, job_id: &str, keep: u32) -> Result<u64, StoreError> {
+    /// Keeps the newest `keep` executions of each of `job_ids` (and every pending one), in
+    /// one transaction: with thousands of jobs firing every second, one commit per job was
+    /// hundreds of commits a second. Returns how many rows went.
+    pub async fn prune_job_history(
+        &self,
+        job_ids: &[Arc<str>],
+        keep: u32,
+    ) -> Result<u64, StoreError> {
         self.timed(OP_TIMEOUT, async move {
             let _turn = self.write_turn().await;
-            let cutoff: Option<i64> = sqlx::query_scalar(
-                "SELECT scheduled_at FROM executions WHERE job_id = ? \
-                 ORDER BY scheduled_at DESC LIMIT 1 OFFSET ?",
-            )
-            .bind(job_id)
-            .bind(i64::from(keep) - 1)
-            .fetch_optional(&self.pool)
-            .await?;
-            let Some(cutoff) = cutoff else {
-                return Ok(0);
-            };
-            let n = sqlx::query(
-                "DELETE FROM executions WHERE job_id = ? AND scheduled_at < ? AND status <> 'pending'",
-            )
-            .bind(job_id)
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            Ok(n)
-            })
+            let mut tx = self.pool.begin().await?;
+            let mut removed = 0;
+            for job_id in job_ids {
+                let cutoff: Option<i64> = sqlx::query_scalar(
+                    "SELECT scheduled_at FROM executions WHERE job_id = ? \
+                     ORDER BY scheduled_at DESC LIMIT 1 OFFSET ?",
+                )
+                .bind(job_id.to_string())
+                .bind(i64::from(keep) - 1)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(cutoff) = cutoff else {
+                    continue;
+                };
+                removed += sqlx::query(
+                    "DELETE FROM executions WHERE job_id = ? AND scheduled_at < ? AND status <> 'pending'",
+                )
+                .bind(job_id.to_string())
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            }
+            tx.commit().await?;
+            Ok(removed)
+        })
         .await
     }
 

@@ -91,6 +91,8 @@ impl From<sqlx::Error> for StoreError {
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of bulk reads (loading the jobs of many slots) and of migrations.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often SQLite's write-ahead log is copied back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// Every MySQL session reads committed data. chime's writes are conditional statements that
 /// check what they need (the lease fence, `attempts`, `status`) on the latest committed row,
@@ -122,7 +124,7 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let (url, dialect, max_conns) = if let Some(rest) = url.strip_prefix("sqlite:") {
-            (sqlite_url(rest), Dialect::Sqlite, 4)
+            (sqlite_url(rest), Dialect::Sqlite, 6)
         } else {
             (url.to_string(), Dialect::MySql, 16)
         };
@@ -146,6 +148,17 @@ impl Store {
                             .execute(&mut *conn)
                             .await?;
                         sqlx::query("PRAGMA busy_timeout = 5000")
+                            .execute(&mut *conn)
+                            .await?;
+                        // A fire batch dirties a few thousand scattered index pages: a
+                        // larger cache keeps them from spilling mid-transaction.
+                        sqlx::query("PRAGMA cache_size = -32768")
+                            .execute(&mut *conn)
+                            .await?;
+                        // Checkpoints run beside the writers ([`Store::run_checkpoints`]);
+                        // copying the log back inside a writer's COMMIT took 60-90 ms of a
+                        // 2,000-fire batch's 150. This is only the backstop.
+                        sqlx::query("PRAGMA wal_autocheckpoint = 20000")
                             .execute(&mut *conn)
                             .await?;
                     } else {
@@ -196,6 +209,45 @@ impl Store {
         tokio::time::timeout(limit, op)
             .await
             .unwrap_or(Err(StoreError::Timeout(limit)))
+    }
+
+    /// SQLite: copies the write-ahead log back into the database file every
+    /// [`CHECKPOINT_EVERY`], on a pooled connection and outside the write gate (a passive
+    /// checkpoint runs beside the writer), so that no writer pays for it in its COMMIT.
+    /// Returns at once on MySQL. Runs until `cancel`.
+    pub async fn run_checkpoints(self, cancel: tokio_util::sync::CancellationToken) {
+        if self.dialect != Dialect::Sqlite {
+            return;
+        }
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let done = self
+                .timed(LOAD_TIMEOUT, async {
+                    sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(())
+                })
+                .await;
+            match done {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("database checkpoints work again");
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "cannot checkpoint the database's write-ahead log; writers will do it, more slowly");
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -252,6 +304,17 @@ impl Store {
         match self.dialect {
             Dialect::MySql => "INSERT IGNORE",
             Dialect::Sqlite => "INSERT OR IGNORE",
+        }
+    }
+
+    /// `status = 'pending'` for a statement that names its rows by primary key. SQLite's
+    /// planner otherwise picks the `(status, slot, next_attempt_at)` index and tests the keys
+    /// against every pending row (1.3 s for 500 outcomes with 80,000 deliveries pending);
+    /// a unary `+` keeps it on the primary key.
+    fn pending_by_key(&self) -> &'static str {
+        match self.dialect {
+            Dialect::MySql => "status = 'pending'",
+            Dialect::Sqlite => "+status = 'pending'",
         }
     }
 
