@@ -652,17 +652,21 @@ impl AttemptCtx {
     }
 }
 
-/// Writes outcomes in batches and re-queues retries once they are stored.
+/// Writes outcomes in batches and re-queues retries once they are stored. Up to
+/// [`Store::parallel_writers`] batches are written at once: a herd delivers thousands of
+/// callbacks a second, and one MySQL transaction at a time fell behind them.
 async fn record_outcomes(
     store: Store,
     mut rx: mpsc::UnboundedReceiver<(DeliveryTask, AttemptResult)>,
     requeue: DeliveryHandle,
     stop: CancellationToken,
 ) {
+    let writers = store.parallel_writers();
+    let mut writing = tokio::task::JoinSet::new();
     // Runs until every sender is gone or the dispatcher gives up on the stragglers, so the
     // outcomes of attempts that completed during shutdown are still written.
-    let mut batch = Vec::with_capacity(OUTCOME_BATCH);
     loop {
+        let mut batch = Vec::with_capacity(OUTCOME_BATCH);
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, OUTCOME_BATCH) => n,
             _ = stop.cancelled() => {
@@ -678,47 +682,65 @@ async fn record_outcomes(
         if n == 0 {
             break;
         }
-        let rows: Vec<_> = batch
-            .iter()
-            .map(|(task, result)| (task.key.clone(), task.attempt, outcome_of(task, result)))
-            .collect();
-        let applied = loop {
-            match store.record_outcomes(&rows).await {
-                Ok(applied) => break applied,
-                Err(e) => {
-                    metrics::STORE_ERRORS.inc();
-                    tracing::warn!(error = %e, outcomes = rows.len(), "cannot record delivery outcomes, retrying in 1s");
-                    if stop.is_cancelled() {
-                        // Shutting down without a database: the rows stay pending and their
-                        // deliveries resume (with the next attempt number) on the next owner.
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+        while writing.len() >= writers {
+            writing.join_next().await;
+        }
+        writing.spawn(write_outcomes(
+            store.clone(),
+            batch,
+            requeue.clone(),
+            stop.clone(),
+        ));
+    }
+    while writing.join_next().await.is_some() {}
+}
+
+async fn write_outcomes(
+    store: Store,
+    batch: Vec<(DeliveryTask, AttemptResult)>,
+    requeue: DeliveryHandle,
+    stop: CancellationToken,
+) {
+    let rows: Vec<_> = batch
+        .iter()
+        .map(|(task, result)| (task.key.clone(), task.attempt, outcome_of(task, result)))
+        .collect();
+    let applied = loop {
+        match store.record_outcomes(&rows).await {
+            Ok(applied) => break applied,
+            Err(e) => {
+                metrics::STORE_ERRORS.inc();
+                tracing::warn!(error = %e, outcomes = rows.len(), "cannot record delivery outcomes, retrying in 1s");
+                if stop.is_cancelled() {
+                    // Shutting down without a database: the rows stay pending and their
+                    // deliveries resume (with the next attempt number) on the next owner.
+                    return;
                 }
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-        };
-        for (((task, _), (_, _, outcome)), applied) in batch.drain(..).zip(rows).zip(applied) {
-            match outcome {
-                Outcome::Succeeded { .. } => metrics::DELIVERIES.inc("succeeded"),
-                Outcome::Failed { error, .. } => {
-                    metrics::DELIVERIES.inc("failed");
-                    tracing::warn!(job_id = %task.key.job_id, scheduled_at = task.key.scheduled_at, attempt = task.attempt, error = %error, "delivery failed for good");
-                }
-                Outcome::Retry {
-                    next_attempt_at,
-                    error,
-                    ..
-                } => {
-                    metrics::DELIVERIES.inc("retried");
-                    tracing::debug!(job_id = %task.key.job_id, attempt = task.attempt, error = %error, "attempt failed, will retry");
-                    if applied {
-                        requeue.submit(vec![DeliveryTask {
-                            attempt: task.attempt + 1,
-                            attempt_persisted: false,
-                            due: next_attempt_at,
-                            ..task
-                        }]);
-                    }
+        }
+    };
+    for (((task, _), (_, _, outcome)), applied) in batch.into_iter().zip(rows).zip(applied) {
+        match outcome {
+            Outcome::Succeeded { .. } => metrics::DELIVERIES.inc("succeeded"),
+            Outcome::Failed { error, .. } => {
+                metrics::DELIVERIES.inc("failed");
+                tracing::warn!(job_id = %task.key.job_id, scheduled_at = task.key.scheduled_at, attempt = task.attempt, error = %error, "delivery failed for good");
+            }
+            Outcome::Retry {
+                next_attempt_at,
+                error,
+                ..
+            } => {
+                metrics::DELIVERIES.inc("retried");
+                tracing::debug!(job_id = %task.key.job_id, attempt = task.attempt, error = %error, "attempt failed, will retry");
+                if applied {
+                    requeue.submit(vec![DeliveryTask {
+                        attempt: task.attempt + 1,
+                        attempt_persisted: false,
+                        due: next_attempt_at,
+                        ..task
+                    }]);
                 }
             }
         }

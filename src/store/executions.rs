@@ -378,11 +378,11 @@ impl Store {
                 .collect();
             for chunk in fires.chunks(CHUNK) {
                 // Keys as OR terms, not a row-value IN list: SQLite looks those up by key.
+                let (table, pending) = self.executions_by_key();
                 let sql = sqlx::AssertSqlSafe(format!(
-                    "UPDATE executions SET attempts = 0, next_attempt_at = scheduled_at \
-                     WHERE {} AND attempts = 1 AND last_error IS NULL AND node = ? \
+                    "UPDATE {table} SET attempts = 0, next_attempt_at = scheduled_at \
+                     WHERE {pending} AND attempts = 1 AND last_error IS NULL AND node = ? \
                      AND ({})",
-                    self.pending_by_key(),
                     vec!["(job_id = ? AND scheduled_at = ?)"; chunk.len()].join(" OR ")
                 ));
                 let mut q = sqlx::query(sql).bind(node.to_string());
@@ -451,13 +451,13 @@ impl Store {
             }
             for (status, idxs) in by_status {
                 for chunk in idxs.chunks(CHUNK) {
+                    let (table, pending) = self.executions_by_key();
                     let conds = vec!["(job_id = ? AND scheduled_at = ? AND attempts = ?)"; chunk.len()]
                         .join(" OR ");
                     let sql = sqlx::AssertSqlSafe(format!(
-                        "UPDATE executions SET status = 'succeeded', response_status = ?, \
+                        "UPDATE {table} SET status = 'succeeded', response_status = ?, \
                          last_error = NULL, next_attempt_at = NULL, request = '' \
-                         WHERE {} AND ({conds})",
-                        self.pending_by_key()
+                         WHERE {pending} AND ({conds})"
                     ));
                     let mut q = sqlx::query(sql).bind(i64::from(status));
                     for &i in chunk {
