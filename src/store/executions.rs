@@ -119,12 +119,6 @@ pub struct PendingDelivery {
     pub attempt_limit: Option<u32>,
 }
 
-/// One transaction of a fire batch: done, or rolled back because these leases moved.
-enum Attempt {
-    Done(BatchOutcome),
-    Lost(Vec<u32>),
-}
-
 /// What [`Store::redrive`] found.
 #[derive(Debug, Clone)]
 pub enum Redrive {
@@ -239,8 +233,8 @@ impl Store {
     ///
     /// `batch` identifies the batch across attempts. Call again with the same id and the
     /// same fires after any error: a COMMIT whose reply was lost is then found (the batch's
-    /// row exists) instead of being recorded twice. The batch's row is written first, so a
-    /// retry waits (on that key) for an attempt the server is still finishing.
+    /// row exists) instead of being recorded twice. The batch's row is written after the
+    /// fence, so a retry waits for an attempt the server is still finishing.
     ///
     /// Fires recorded already by someone else fail the batch with [`StoreError::Recorded`]
     /// naming them: the caller leaves them out (they are not its to dispatch) and retries.
@@ -255,122 +249,70 @@ impl Store {
     ) -> Result<BatchOutcome, StoreError> {
         self.timed(OP_TIMEOUT, async move {
             let _turn = self.write_turn().await;
-            // Slots whose lease moved: their fires and progress are left out.
-            let mut lost: HashSet<u32> = HashSet::new();
-            loop {
-                match self
-                    .try_record_batch(node, batch, fires, progress, leases, &lost, now)
-                    .await?
-                {
-                    Attempt::Done(outcome) => return Ok(outcome),
-                    Attempt::Lost(more) => lost.extend(more),
-                }
-            }
-        })
-        .await
-    }
-
-    /// One transaction of [`Store::record_batch`] without the fires of `lost` slots. The
-    /// fence is its last statement: the lease rows are locked only for the commit, not for
-    /// the whole batch, so job writes and renewals of those slots hardly wait for it. If a
-    /// lease turns out lost, the transaction is rolled back and the caller tries again
-    /// without that slot.
-    #[allow(clippy::too_many_arguments)]
-    async fn try_record_batch(
-        &self,
-        node: &str,
-        batch: i64,
-        fires: &[NewFire],
-        progress: &[Progress],
-        leases: &HashMap<u32, i64>,
-        lost: &HashSet<u32>,
-        now: i64,
-    ) -> Result<Attempt, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let inserted =
-            sqlx::query("INSERT INTO fire_batches (id, node, created_at) VALUES (?, ?, ?)")
+            let mut tx = self.pool.begin().await?;
+            let lost_slots = self.fence(&mut tx, node, leases).await?;
+            let lost: HashSet<u32> = lost_slots.iter().copied().collect();
+            let inserted = sqlx::query("INSERT INTO fire_batches (id, node, created_at) VALUES (?, ?, ?)")
                 .bind(batch)
                 .bind(node.to_string())
                 .bind(now)
                 .execute(&mut *tx)
                 .await;
-        match inserted.map_err(StoreError::from) {
-            Ok(_) => {}
-            Err(StoreError::Conflict) => {
-                // An earlier attempt committed. Which of its slots it left out is not stored:
-                // treat as lost every lease that is not ours now (a lease ours now was ours
-                // then, epochs only grow). A fire so held back that did commit stays pending
-                // for the slot's next owner, which sends it: late, not twice.
-                tx.rollback().await?;
-                let mut tx = self.pool.begin().await?;
-                let mut lost_slots = self.fence(&mut tx, node, leases).await?;
-                tx.rollback().await?;
-                lost_slots.extend(lost.iter().copied());
-                lost_slots.sort_unstable();
-                lost_slots.dedup();
-                return Ok(Attempt::Done(BatchOutcome::AlreadyCommitted { lost_slots }));
+            match inserted.map_err(StoreError::from) {
+                Ok(_) => {}
+                Err(StoreError::Conflict) => {
+                    tx.rollback().await?;
+                    return Ok(BatchOutcome::AlreadyCommitted { lost_slots });
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
-        }
-        let fires: Vec<&NewFire> = fires.iter().filter(|f| !lost.contains(&f.slot)).collect();
-        for chunk in fires.chunks(CHUNK) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, attempts, \
-                 status, next_attempt_at, request) VALUES {}",
-                self.insert_ignore(),
-                fire_rows(chunk.len())
-            ));
-            let mut q = sqlx::query(sql);
-            for f in chunk {
-                q = bind_fire(q, f, node);
+            let fires: Vec<&NewFire> = fires.iter().filter(|f| !lost.contains(&f.slot)).collect();
+            for chunk in fires.chunks(CHUNK) {
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "{} INTO executions (job_id, scheduled_at, slot, manual, fired_at, node, attempts, \
+                     status, next_attempt_at, request) VALUES {}",
+                    self.insert_ignore(),
+                    fire_rows(chunk.len())
+                ));
+                let mut q = sqlx::query(sql);
+                for f in chunk {
+                    q = bind_fire(q, f, node);
+                }
+                if q.execute(&mut *tx).await?.rows_affected() < chunk.len() as u64 {
+                    // Rare (a make-up of a fire recorded before a crash): name the rows that
+                    // exist, in one query, so the caller can retry without them.
+                    tx.rollback().await?;
+                    let existing = self.existing(chunk).await?;
+                    return Err(StoreError::Recorded(existing));
+                }
             }
-            if q.execute(&mut *tx).await?.rows_affected() < chunk.len() as u64 {
-                // Rare (a make-up of a fire recorded before a crash): name the rows that
-                // exist, in one query, so the caller can retry without them.
-                tx.rollback().await?;
-                let existing = self.existing(chunk).await?;
-                return Err(StoreError::Recorded(existing));
+            let progress: Vec<&Progress> =
+                progress.iter().filter(|p| !lost.contains(&p.slot)).collect();
+            for chunk in progress.chunks(CHUNK) {
+                let whens = vec!["WHEN ? THEN ?"; chunk.len()].join(" ");
+                let ids = in_list(chunk.len());
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "UPDATE jobs SET last_fire_at = {}(COALESCE(last_fire_at, 0), CASE id {whens} END), \
+                     next_fire_at = CASE id {whens} END WHERE id IN ({ids})",
+                    self.greatest()
+                ));
+                let mut q = sqlx::query(sql);
+                for p in chunk {
+                    q = q.bind(p.job_id.to_string()).bind(p.last_fire_at);
+                }
+                for p in chunk {
+                    q = q.bind(p.job_id.to_string()).bind(p.next_fire_at);
+                }
+                for p in chunk {
+                    q = q.bind(p.job_id.to_string());
+                }
+                q.execute(&mut *tx).await?;
             }
-        }
-        let progress: Vec<&Progress> = progress
-            .iter()
-            .filter(|p| !lost.contains(&p.slot))
-            .collect();
-        for chunk in progress.chunks(CHUNK) {
-            let whens = vec!["WHEN ? THEN ?"; chunk.len()].join(" ");
-            let ids = in_list(chunk.len());
-            let sql = sqlx::AssertSqlSafe(format!(
-                "UPDATE jobs SET last_fire_at = {}(COALESCE(last_fire_at, 0), CASE id {whens} END), \
-                 next_fire_at = CASE id {whens} END WHERE id IN ({ids})",
-                self.greatest()
-            ));
-            let mut q = sqlx::query(sql);
-            for p in chunk {
-                q = q.bind(p.job_id.to_string()).bind(p.last_fire_at);
-            }
-            for p in chunk {
-                q = q.bind(p.job_id.to_string()).bind(p.next_fire_at);
-            }
-            for p in chunk {
-                q = q.bind(p.job_id.to_string());
-            }
-            q.execute(&mut *tx).await?;
-        }
-        let fenced: HashMap<u32, i64> = leases
-            .iter()
-            .filter(|(s, _)| !lost.contains(s))
-            .map(|(s, e)| (*s, *e))
-            .collect();
-        let newly_lost = self.fence(&mut tx, node, &fenced).await?;
-        if !newly_lost.is_empty() {
-            tx.rollback().await?;
-            return Ok(Attempt::Lost(newly_lost));
-        }
-        tx.commit().await?;
-        crate::faults::after_commit()?;
-        let mut lost_slots: Vec<u32> = lost.iter().copied().collect();
-        lost_slots.sort_unstable();
-        Ok(Attempt::Done(BatchOutcome::Committed { lost_slots }))
+            tx.commit().await?;
+            crate::faults::after_commit()?;
+            Ok(BatchOutcome::Committed { lost_slots })
+        })
+        .await
     }
 
     /// Which of `fires` have a row already.

@@ -142,11 +142,9 @@ impl Store {
     ///
     /// The write takes the lease rows' locks, so a competing acquisition (an `UPDATE` of the
     /// same rows) waits for this transaction and then sees what it wrote, and this
-    /// transaction fails the fence if the acquisition came first. Lease rows are locked in
-    /// slot order, so fences never deadlock with each other or with renewals. Job writes
-    /// fence first; fire batches fence last, to hold the lease rows only for their commit.
-    /// The two cannot deadlock: the rows a batch writes (its jobs, their new fires) are never
-    /// a concurrent write's, which holds its job out of the scheduler while it runs.
+    /// transaction fails the fence if the acquisition came first. Run it as the first
+    /// statement: every transaction locks lease rows before job and execution rows, in slot
+    /// order, so fences never deadlock with each other or with renewals.
     pub(super) async fn fence(
         &self,
         conn: &mut sqlx::AnyConnection,
