@@ -128,6 +128,20 @@ fn check_exactly_once(
             t += 1000;
         }
     }
+    if !missing.is_empty() {
+        let mut per_job: BTreeMap<&str, (usize, &str)> = BTreeMap::new();
+        for m in &missing {
+            let (j, t) = m.split_once('@').unwrap();
+            let e = per_job.entry(j).or_insert((0, t));
+            e.0 += 1;
+        }
+        eprintln!(
+            "DIAG missing jobs={} until={until_ms} anchors-min={:?}: {:?}",
+            per_job.len(),
+            anchors.values().min(),
+            per_job.iter().take(40).collect::<Vec<_>>()
+        );
+    }
     assert!(
         missing.is_empty(),
         "{} scheduled fires never delivered, e.g. {:?}",

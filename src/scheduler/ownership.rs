@@ -96,6 +96,11 @@ impl Ownership {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "ownership pass failed; retrying next tick");
+                    // A pass can fail with the database up (a lock wait on rows of a peer
+                    // that was cut off mid-transaction): that is no reason to leave.
+                    if !self.exclusive && self.store.ping().await.is_ok() {
+                        last_ok = Instant::now();
+                    }
                     // Without the database this node can neither fire nor renew. Leave the
                     // ring so peers take its slots once the leases expire, instead of the
                     // slots waiting for this node's database to come back.

@@ -98,12 +98,28 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// check what they need (the lease fence, `attempts`, `status`) on the latest committed row,
 /// so repeatable-read snapshots buy nothing; its gap and next-key locks, though, made fire
 /// batches deadlock with job writes and lease releases that touched neighbouring keys.
+///
+/// Lock waits end after [`LOCK_WAIT_SECS`], before chime's own deadline on the statement:
+/// with the server's 50 s a statement chime had given up on kept its pooled connection busy,
+/// and a node whose control connections all waited on rows of a peer cut off mid-transaction
+/// could not renew its own leases. A session idle for [`IDLE_SESSION_SECS`] is closed by the
+/// server: that is what ends the open transaction of a node cut off from the database, and
+/// with it the locks its peers wait for.
 async fn set_mysql_session(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
     sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
         .execute(&mut *conn)
         .await?;
+    let sql = format!(
+        "SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECS}, wait_timeout = {IDLE_SESSION_SECS}"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
+
+const LOCK_WAIT_SECS: u32 = 3;
+const IDLE_SESSION_SECS: u32 = 30;
 
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
@@ -136,6 +152,8 @@ impl Store {
             .max_connections(max_conns)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(5))
+            // Before the server's `wait_timeout` closes them under the pool.
+            .idle_timeout(Duration::from_secs(20))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
@@ -177,6 +195,7 @@ impl Store {
                     .max_connections(2)
                     .min_connections(1)
                     .acquire_timeout(Duration::from_secs(5))
+                    .idle_timeout(Duration::from_secs(20))
                     .after_connect(|conn, _| Box::pin(set_mysql_session(conn)))
                     .connect_with(control_options)
                     .await
