@@ -1807,7 +1807,7 @@ async fn spread(runs: usize, rates: &[usize], sqlite: bool) -> Res<()> {
                         );
                         d("Handler_write") + d("Handler_update") + d("Handler_delete")
                     };
-                    values[8..].copy_from_slice(&[
+                    values[8..13].copy_from_slice(&[
                         d("Com_commit") / fires,
                         d("Handler_commit") / fires,
                         rows_written / fires,
