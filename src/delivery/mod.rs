@@ -663,6 +663,7 @@ async fn record_outcomes(
 ) {
     let writers = store.parallel_writers();
     let mut writing = tokio::task::JoinSet::new();
+    let mut unrecorded = 0usize;
     // Runs until every sender is gone or the dispatcher gives up on the stragglers, so the
     // outcomes of attempts that completed during shutdown are still written.
     loop {
@@ -683,7 +684,7 @@ async fn record_outcomes(
             break;
         }
         while writing.len() >= writers {
-            writing.join_next().await;
+            unrecorded += writing.join_next().await.and_then(Result::ok).unwrap_or(0);
         }
         writing.spawn(write_outcomes(
             store.clone(),
@@ -692,15 +693,24 @@ async fn record_outcomes(
             stop.clone(),
         ));
     }
-    while writing.join_next().await.is_some() {}
+    while let Some(n) = writing.join_next().await {
+        unrecorded += n.unwrap_or(0);
+    }
+    if unrecorded > 0 {
+        tracing::warn!(
+            outcomes = unrecorded,
+            "shut down without recording some delivery outcomes (no database); those deliveries stay pending and resume, as a further attempt, on the slot's next owner"
+        );
+    }
 }
 
+/// Returns how many outcomes were given up on (shutting down without a database).
 async fn write_outcomes(
     store: Store,
     batch: Vec<(DeliveryTask, AttemptResult)>,
     requeue: DeliveryHandle,
     stop: CancellationToken,
-) {
+) -> usize {
     let rows: Vec<_> = batch
         .iter()
         .map(|(task, result)| (task.key.clone(), task.attempt, outcome_of(task, result)))
@@ -710,12 +720,13 @@ async fn write_outcomes(
             Ok(applied) => break applied,
             Err(e) => {
                 metrics::STORE_ERRORS.inc();
-                tracing::warn!(error = %e, outcomes = rows.len(), "cannot record delivery outcomes, retrying in 1s");
                 if stop.is_cancelled() {
                     // Shutting down without a database: the rows stay pending and their
                     // deliveries resume (with the next attempt number) on the next owner.
-                    return;
+                    // Counted, and logged once by the caller.
+                    return rows.len();
                 }
+                tracing::warn!(error = %e, outcomes = rows.len(), "cannot record delivery outcomes, retrying in 1s");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -745,6 +756,7 @@ async fn write_outcomes(
             }
         }
     }
+    0
 }
 
 fn outcome_of(task: &DeliveryTask, result: &AttemptResult) -> Outcome {
