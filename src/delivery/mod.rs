@@ -44,8 +44,6 @@ use grpc::GrpcClients;
 use limits::{Admission, TargetState, Targets};
 
 const OUTCOME_BATCH: usize = 500;
-/// How long a partial batch of outcomes waits for more before it is written.
-const OUTCOME_GATHER: Duration = Duration::from_millis(50);
 /// How often a delivery to a Consul service without a passing instance looks again.
 const NO_INSTANCE_RECHECK_MS: i64 = 1000;
 
@@ -671,22 +669,7 @@ async fn record_outcomes(
     loop {
         let mut batch = Vec::with_capacity(OUTCOME_BATCH);
         let n = tokio::select! {
-            n = async {
-                let n = rx.recv_many(&mut batch, OUTCOME_BATCH).await;
-                if n > 0 && n < OUTCOME_BATCH && !stop.is_cancelled() {
-                    // Outcomes trickle in one by one at moderate load: gather a moment's
-                    // worth into one transaction (at 5,000 fires/s spread over the second,
-                    // writing whatever was queued cost 0.27 commits per fire).
-                    tokio::time::sleep(OUTCOME_GATHER).await;
-                    while batch.len() < OUTCOME_BATCH {
-                        match rx.try_recv() {
-                            Ok(o) => batch.push(o),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                batch.len()
-            } => n,
+            n = rx.recv_many(&mut batch, OUTCOME_BATCH) => n,
             _ = stop.cancelled() => {
                 while batch.len() < OUTCOME_BATCH {
                     match rx.try_recv() {
