@@ -21,43 +21,6 @@ use tokio::net::{TcpListener, TcpStream};
 const CRASH_FAILOVER_BOUND_MS: i64 = 10_000;
 const LEAVE_FAILOVER_BOUND_MS: i64 = 4_000;
 
-async fn start_node(db: &Db, id: &str, seed: Option<&Chime>, extra: &[&str]) -> Chime {
-    let mut args: Vec<&str> = extra.to_vec();
-    let seed_addr;
-    if let Some(s) = seed {
-        seed_addr = s.gossip.clone();
-        args.extend(["--seeds", seed_addr.as_str()]);
-    }
-    Chime::start(db, id, &args).await
-}
-
-/// Waits until every node sees `n` ready members and the leases match the ring.
-async fn wait_converged(nodes: &[&Chime], n: usize) {
-    wait_converged_within(nodes, n, Duration::from_secs(30)).await
-}
-
-async fn wait_converged_within(nodes: &[&Chime], n: usize, limit: Duration) {
-    let ok = wait_until(limit, async || {
-        for node in nodes {
-            let c = node.get("/v1/cluster").await;
-            if c.status != 200 {
-                return false;
-            }
-            let members = c.json["members"].as_array().cloned().unwrap_or_default();
-            let ready = members.iter().filter(|m| m["state"] == "ready").count();
-            let balanced = members.iter().all(|m| {
-                m["leased_slots"] == m["ring_slots"] && m["ring_slots"].as_u64() > Some(0)
-            });
-            if ready != n || members.len() != n || !balanced {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
-    assert!(ok, "cluster of {n} did not converge");
-}
-
 /// Creates `count` jobs `@every 1s` through the given nodes in turn (retrying 503s while
 /// slots move); returns each job's anchor (created_at) in ms.
 async fn create_jobs(nodes: &[&Chime], count: usize, url: &str) -> BTreeMap<String, i64> {

@@ -18,7 +18,8 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use common::{
-    Backend, Chime, Db, Received, Receiver, Script, fresh_mysql, now_ms, parse_ms, wait_until,
+    Backend, Chime, Db, Received, Receiver, Script, fresh_mysql, now_ms, parse_ms, start_node,
+    wait_converged, wait_until,
 };
 
 common::backend_tests!(a_client_that_disconnects_mid_write_leaves_the_job_firing);
@@ -33,40 +34,6 @@ const RACE_AFTER_CONVERGED: Duration = Duration::from_secs(3);
 const SETTLE_MS: i64 = 2_000;
 /// ...for this many seconds.
 const WINDOW_MS: i64 = 3_000;
-
-async fn start_node(db: &Db, id: &str, seed: Option<&Chime>, extra: &[&str]) -> Chime {
-    let mut args: Vec<&str> = extra.to_vec();
-    let seed_addr;
-    if let Some(s) = seed {
-        seed_addr = s.gossip.clone();
-        args.extend(["--seeds", seed_addr.as_str()]);
-    }
-    Chime::start(db, id, &args).await
-}
-
-/// Waits until every node sees `n` ready members and every slot is leased by its ring
-/// owner.
-async fn wait_converged(nodes: &[&Chime], n: usize) {
-    let ok = wait_until(Duration::from_secs(30), async || {
-        for node in nodes {
-            let c = node.get("/v1/cluster").await;
-            if c.status != 200 {
-                return false;
-            }
-            let members = c.json["members"].as_array().cloned().unwrap_or_default();
-            let ready = members.iter().filter(|m| m["state"] == "ready").count();
-            let balanced = members.iter().all(|m| {
-                m["leased_slots"] == m["ring_slots"] && m["ring_slots"].as_u64() > Some(0)
-            });
-            if ready != n || members.len() != n || !balanced {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
-    assert!(ok, "cluster of {n} did not converge");
-}
 
 fn versioned_job(url: &str, version: u64) -> Value {
     json!({

@@ -248,9 +248,7 @@ impl Ownership {
         // they are handed over. Bounded: a write whose outcome is being settled against an
         // unreachable database may hold its slot for a minute.
         let _writes = if release {
-            tokio::time::timeout(WRITES_WAIT, self.leases.lock_writes(slots))
-                .await
-                .ok()
+            self.stop_writes(slots).await
         } else {
             None
         };
@@ -267,6 +265,14 @@ impl Ownership {
         }
     }
 
+    /// Waits (bounded by [`WRITES_WAIT`]) for job writes of `slots` to end, and keeps new
+    /// ones waiting while the guards live; they then find the leases gone.
+    async fn stop_writes(&self, slots: &[u32]) -> Option<Vec<crate::cluster::WriteGuard>> {
+        tokio::time::timeout(WRITES_WAIT, self.leases.lock_writes(slots))
+            .await
+            .ok()
+    }
+
     /// Graceful leave: stop firing everything, hand back what was recorded and not sent,
     /// then release every lease at once.
     async fn leave(&mut self) {
@@ -275,9 +281,7 @@ impl Ownership {
             return;
         }
         // As in a handover: writes end first, and later ones find no lease.
-        let _writes = tokio::time::timeout(WRITES_WAIT, self.leases.lock_writes(&slots))
-            .await
-            .ok();
+        let _writes = self.stop_writes(&slots).await;
         // Bounded: during a database outage a batch may be stuck retrying.
         let unsent = self.scheduler.drop_slots(&slots, true).await;
         let leases = self.leases.epochs_of(slots.iter().copied());

@@ -94,6 +94,22 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often SQLite's write-ahead log is copied back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
+/// Set on every SQLite connection.
+/// - WAL lets readers run beside the single writer; `busy_timeout` makes writers wait for
+///   the lock instead of failing at once.
+/// - A fire batch dirties a few thousand scattered index pages: a larger cache keeps them
+///   from spilling mid-transaction.
+/// - Checkpoints run beside the writers ([`Store::run_checkpoints`]); copying the log back
+///   inside a writer's COMMIT took 60-90 ms of a 2,000-fire batch's 150. The
+///   autocheckpoint is only the backstop.
+const SQLITE_PRAGMAS: &[&str] = &[
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = NORMAL",
+    "PRAGMA busy_timeout = 5000",
+    "PRAGMA cache_size = -32768",
+    "PRAGMA wal_autocheckpoint = 20000",
+];
+
 /// Every MySQL session reads committed data. chime's writes are conditional statements that
 /// check what they need (the lease fence, `attempts`, `status`) on the latest committed row,
 /// so repeatable-read snapshots buy nothing; its gap and next-key locks, though, made fire
@@ -157,28 +173,9 @@ impl Store {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
-                        // WAL lets readers run beside the single writer; busy_timeout makes
-                        // writers wait for the lock instead of failing at once.
-                        sqlx::query("PRAGMA journal_mode = WAL")
-                            .execute(&mut *conn)
-                            .await?;
-                        sqlx::query("PRAGMA synchronous = NORMAL")
-                            .execute(&mut *conn)
-                            .await?;
-                        sqlx::query("PRAGMA busy_timeout = 5000")
-                            .execute(&mut *conn)
-                            .await?;
-                        // A fire batch dirties a few thousand scattered index pages: a
-                        // larger cache keeps them from spilling mid-transaction.
-                        sqlx::query("PRAGMA cache_size = -32768")
-                            .execute(&mut *conn)
-                            .await?;
-                        // Checkpoints run beside the writers ([`Store::run_checkpoints`]);
-                        // copying the log back inside a writer's COMMIT took 60-90 ms of a
-                        // 2,000-fire batch's 150. This is only the backstop.
-                        sqlx::query("PRAGMA wal_autocheckpoint = 20000")
-                            .execute(&mut *conn)
-                            .await?;
+                        for pragma in SQLITE_PRAGMAS {
+                            sqlx::query(*pragma).execute(&mut *conn).await?;
+                        }
                     } else {
                         set_mysql_session(conn).await?;
                     }

@@ -906,3 +906,40 @@ async fn record(
     let status = StatusCode::from_u16(status).expect("a valid scripted status");
     (status, if status.is_success() { "ok" } else { "no" })
 }
+
+pub async fn start_node(db: &Db, id: &str, seed: Option<&Chime>, extra: &[&str]) -> Chime {
+    let mut args: Vec<&str> = extra.to_vec();
+    let seed_addr;
+    if let Some(s) = seed {
+        seed_addr = s.gossip.clone();
+        args.extend(["--seeds", seed_addr.as_str()]);
+    }
+    Chime::start(db, id, &args).await
+}
+
+/// Waits until every node sees `n` ready members and the leases match the ring.
+pub async fn wait_converged(nodes: &[&Chime], n: usize) {
+    wait_converged_within(nodes, n, Duration::from_secs(30)).await
+}
+
+pub async fn wait_converged_within(nodes: &[&Chime], n: usize, limit: Duration) {
+    let ok = wait_until(limit, async || {
+        for node in nodes {
+            let c = node.get("/v1/cluster").await;
+            if c.status != 200 {
+                return false;
+            }
+            let members = c.json["members"].as_array().cloned().unwrap_or_default();
+            let ready = members.iter().filter(|m| m["state"] == "ready").count();
+            let balanced = members.iter().all(|m| {
+                m["leased_slots"] == m["ring_slots"] && m["ring_slots"].as_u64() > Some(0)
+            });
+            if ready != n || members.len() != n || !balanced {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(ok, "cluster of {n} did not converge");
+}
