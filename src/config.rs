@@ -37,6 +37,8 @@ pub struct Config {
     pub history_max_age: Duration,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's headers, and then its body.
+    pub request_read_timeout: Duration,
     /// Callbacks in flight at once on this node.
     pub delivery_concurrency: usize,
     /// Callbacks in flight at once to one target (scheme and host:port, or Consul service),
@@ -69,6 +71,7 @@ pub const RECORD_AHEAD_RANGE: (Duration, Duration) =
 pub const DEFAULT_HISTORY_KEEP: u32 = 100;
 pub const DEFAULT_HISTORY_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_DELIVERY_CONCURRENCY: usize = 4096;
 pub const DEFAULT_DELIVERY_PER_TARGET_CONCURRENCY: usize = 256;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -121,6 +124,9 @@ pub struct ServeArgs {
     /// Largest accepted request body in bytes [default: 1048576]
     #[arg(long, env = "CHIME_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Time a client may take to send a request's headers, and then its body [default: 10s]
+    #[arg(long, env = "CHIME_REQUEST_READ_TIMEOUT")]
+    pub request_read_timeout: Option<String>,
     /// Callbacks in flight at once [default: 4096]
     #[arg(long, env = "CHIME_DELIVERY_CONCURRENCY")]
     pub delivery_concurrency: Option<usize>,
@@ -160,6 +166,7 @@ struct FileConfig {
     history_keep: Option<u32>,
     history_max_age: Option<String>,
     max_body_bytes: Option<usize>,
+    request_read_timeout: Option<String>,
     delivery_concurrency: Option<usize>,
     delivery_per_target_concurrency: Option<usize>,
     shutdown_grace: Option<String>,
@@ -241,6 +248,17 @@ impl ServeArgs {
             self.record_ahead.or(file.record_ahead),
             DEFAULT_RECORD_AHEAD,
         )?;
+        let request_read_timeout = duration_or(
+            "request_read_timeout",
+            self.request_read_timeout.or(file.request_read_timeout),
+            DEFAULT_REQUEST_READ_TIMEOUT,
+        )?;
+        if request_read_timeout < Duration::from_millis(100) {
+            return Err(invalid(
+                "request_read_timeout",
+                format!("{request_read_timeout:?} is too short; give at least 100ms"),
+            ));
+        }
         let (lo, hi) = RECORD_AHEAD_RANGE;
         if !(lo..=hi).contains(&record_ahead) {
             return Err(invalid(
@@ -326,6 +344,7 @@ impl ServeArgs {
                 DEFAULT_HISTORY_MAX_AGE,
             )?,
             max_body_bytes,
+            request_read_timeout,
             delivery_concurrency,
             delivery_per_target_concurrency,
             shutdown_grace: duration_or(

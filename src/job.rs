@@ -61,11 +61,20 @@ pub struct FieldError {
     pub reason: String,
 }
 
+/// Longest reason kept: reasons quote the offending value, and a hostile body must not be
+/// echoed back whole.
+const MAX_REASON_CHARS: usize = 300;
+
 impl FieldError {
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        let mut reason = reason.into();
+        if let Some((cut, _)) = reason.char_indices().nth(MAX_REASON_CHARS) {
+            reason.truncate(cut);
+            reason.push_str("… (truncated)");
+        }
         Self {
             field: field.into(),
-            reason: reason.into(),
+            reason,
         }
     }
 }
@@ -324,9 +333,20 @@ impl JobInput {
         };
         validate_id("id", &id)?;
 
-        let tz_name = self.timezone.unwrap_or_else(|| "UTC".into());
-        let tz =
-            parse_timezone(&tz_name).map_err(|e| FieldError::new("timezone", e.to_string()))?;
+        let tz = match self.timezone.as_deref().map(str::trim) {
+            None => chrono_tz::Tz::UTC,
+            Some("") => {
+                return Err(FieldError::new(
+                    "timezone",
+                    "is empty; give an IANA zone such as Europe/London, or leave it out for UTC",
+                ));
+            }
+            Some(name) => {
+                parse_timezone(name).map_err(|e| FieldError::new("timezone", e.to_string()))?
+            }
+        };
+        // The canonical name, not the input: " Europe/London\n" is stored as Europe/London.
+        let tz_name = tz.name().to_string();
         let expr = self
             .schedule
             .ok_or_else(|| FieldError::new("schedule", "is required"))?;
@@ -436,9 +456,16 @@ fn validate_target_url(
         None | Some(url::Host::Domain("")) => Err(FieldError::new(field, "has no host")),
         Some(url::Host::Ipv4(ip)) => check_ip(field, &rules.outbound, ip.into()).map(|_| url),
         Some(url::Host::Ipv6(ip)) => check_ip(field, &rules.outbound, ip.into()).map(|_| url),
+        Some(url::Host::Domain(d)) if d.len() > MAX_HOST_LEN => Err(FieldError::new(
+            field,
+            format!("the host name is longer than DNS allows ({MAX_HOST_LEN} characters)"),
+        )),
         Some(url::Host::Domain(_)) => Ok(url),
     }
 }
+
+/// The longest host name DNS can resolve.
+const MAX_HOST_LEN: usize = 253;
 
 fn validate_grpc(input: GrpcInput, rules: &TargetRules) -> Result<GrpcCallback, FieldError> {
     const FIELD: &str = "callback.grpc.target";

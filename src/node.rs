@@ -65,6 +65,7 @@ pub async fn serve(
     let store = Store::connect(&config.database_url).await.map_err(db_err)?;
     store.migrate().await.map_err(db_err)?;
     store.ensure_lease_rows().await.map_err(db_err)?;
+    warn_on_clock_skew(&store).await;
 
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -72,6 +73,7 @@ pub async fn serve(
     let leases = Arc::new(Leases::default());
     let delivery = delivery::spawn(
         delivery::DeliveryConfig {
+            node_id: config.node_id.as_str().into(),
             concurrency: config.delivery_concurrency,
             per_target_concurrency: config.delivery_per_target_concurrency,
             outbound: config.outbound.clone(),
@@ -125,7 +127,10 @@ pub async fn serve(
         ApiConfig {
             node_id: config.node_id.clone(),
             api_token: config.api_token.clone(),
-            max_body_bytes: config.max_body_bytes,
+            body: api::BodyRules {
+                max_bytes: config.max_body_bytes,
+                read_timeout: config.request_read_timeout,
+            },
             rules: crate::job::TargetRules {
                 outbound: config.outbound.clone(),
                 consul: config.consul_addr.is_some(),
@@ -137,16 +142,14 @@ pub async fn serve(
         cluster.clone(),
         leases.clone(),
     );
-    let app = api::router(state.clone(), config.max_body_bytes);
+    let app = api::router(state.clone());
     let http_stop = CancellationToken::new();
-    let http = {
-        let stop = http_stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
-    };
+    let http = tokio::spawn(api::serve(
+        listener,
+        app,
+        config.request_read_timeout,
+        http_stop.clone(),
+    ));
     tracing::info!(node_id = %config.node_id, database = %redact_url(&config.database_url), "chime listening on http://{local_addr}");
 
     // Shutdown may be requested at any point from here on.
@@ -209,10 +212,12 @@ pub async fn serve(
         let _ = renewal.await;
     }
     http_stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(5), http).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server ended with an error"),
-        Err(_) => tracing::warn!("http server did not drain within 5s"),
-        _ => {}
+    // `serve` bounds its own drain; this only guards against a bug there.
+    if tokio::time::timeout(Duration::from_secs(10), http)
+        .await
+        .is_err()
+    {
+        tracing::warn!("http server did not stop within 10s");
     }
     cancel.cancel();
     tasks.close();
@@ -271,6 +276,22 @@ fn lock_database_file(db: &str) -> Result<std::fs::File, NodeError> {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::DatabaseInUse { path: db.into() }),
         Err(std::fs::TryLockError::Error(source)) => Err(NodeError::DatabaseLock { path, source }),
+    }
+}
+
+/// Leases are timed by the database's clock and fires by the node's: a large difference
+/// between them makes fires late or a handover early. Worth one warning at start-up.
+async fn warn_on_clock_skew(store: &Store) {
+    const TOLERATED_MS: i64 = 1000;
+    if let Ok(clock) = store.clock().await {
+        let skew_ms = clock.now_ms - crate::clock::now_ms();
+        if skew_ms.abs() > TOLERATED_MS {
+            tracing::warn!(
+                skew_ms,
+                "the database's clock differs from this node's by more than {TOLERATED_MS} ms; \
+                 synchronise both with NTP"
+            );
+        }
     }
 }
 

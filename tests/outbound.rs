@@ -102,3 +102,54 @@ async fn allow_list_readmits_a_network() {
         "{err}"
     );
 }
+
+/// A callback that answers with a redirect is not followed: a 3xx is a failed attempt, so a
+/// reachable URL cannot bounce chime (with the job's headers) to a refused address.
+#[tokio::test(flavor = "multi_thread")]
+async fn redirects_are_not_followed() {
+    let db = fresh_sqlite();
+    let secret = Receiver::start_on("127.0.0.2", Script::always(200)).await;
+    let bouncer = Receiver::start(Script::redirect(307, &format!("{}/secret", secret.url()))).await;
+    let node = Chime::start(&db, "n1", &["--outbound-deny", "127.0.0.2/32"]).await;
+
+    // The refused address itself is rejected at write time.
+    let r = node
+        .put("/v1/jobs/direct", &http_job("@every 1s", &secret.url()))
+        .await;
+    r.assert_error(422);
+
+    let mut job = http_job("@every 1s", &bouncer.url());
+    job["callback"]["http"]["headers"] = serde_json::json!({"Metadata-Flavor": "Google"});
+    let r = node.put("/v1/jobs/bounce", &job).await;
+    assert_eq!(r.status, 201, "{r}");
+    let failed = wait_for(Duration::from_secs(10), async || {
+        node.executions("bounce")
+            .await
+            .into_iter()
+            .find(|e| e["status"] == "failed")
+    })
+    .await
+    .expect("the redirected delivery fails");
+    assert_eq!(failed["attempts"], 1, "a redirect is not retried: {failed}");
+    let err = failed["last_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("307") && err.contains("redirect") && err.contains("/secret"),
+        "last_error names the redirect and where it pointed: {failed}"
+    );
+    assert!(bouncer.count() >= 1, "the job's own URL was called");
+    // Give a followed redirect time to land before concluding it did not.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        secret.count(),
+        0,
+        "the refused address was reached through the redirect: {:?}",
+        secret.requests()
+    );
+    assert!(
+        node.executions("bounce")
+            .await
+            .iter()
+            .all(|e| e["status"] != "succeeded"),
+        "no redirected delivery is recorded as succeeded"
+    );
+}

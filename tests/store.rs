@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 
 use chime::job::{SLOTS, slot_of};
 use chime::store::{
-    BatchOutcome, ExecKey, ExecStatus, ExecutionRecord, Fence, JobRecord, NEVER_EXPIRES, NewFire,
-    Outcome, Progress, PutOutcome, Redrive, Store, StoreError,
+    BatchOutcome, Begin, ExecKey, ExecStatus, ExecutionRecord, Fence, JobRecord, NEVER_EXPIRES,
+    NewFire, Outcome, Progress, PutOutcome, Redrive, Store, StoreError,
 };
 use sqlx::Row;
 
@@ -133,6 +133,7 @@ store_suite!(
     hand_back_requeues_only_the_given_unsent_fires,
     acquire_exclusive_takes_every_slot_for_good,
     old_fire_batch_ids_are_pruned,
+    the_database_clock_is_utc_whatever_the_url_says,
 );
 
 fn all_slots() -> Vec<u32> {
@@ -516,9 +517,46 @@ async fn attempts_and_outcomes_are_compare_and_set(Db { store, .. }: Db) {
         .unwrap();
     assert_eq!(applied, [true, true, true]);
     // Attempt 2 of the retried one: only from attempt 1, only once.
-    assert!(store.begin_attempt(&key(2), 2).await.unwrap());
-    assert!(!store.begin_attempt(&key(2), 2).await.unwrap());
-    assert!(!store.begin_attempt(&key(1), 2).await.unwrap(), "finished");
+    let f = fence("n1", &l, "o");
+    // Not with a lease the node no longer holds at that epoch, nor with another's.
+    let old = Fence {
+        epoch: f.epoch - 1,
+        ..f.clone()
+    };
+    assert!(matches!(
+        store.begin_attempt(&key(2), 2, &old).await,
+        Err(StoreError::Fenced(_))
+    ));
+    let other = Fence {
+        node: "n2".into(),
+        ..f.clone()
+    };
+    assert!(matches!(
+        store.begin_attempt(&key(2), 2, &other).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert_eq!(
+        store.begin_attempt(&key(2), 2, &f).await.unwrap(),
+        Begin::Started
+    );
+    // Repeated (a retry after a lost reply): the row says where it is.
+    assert_eq!(
+        store.begin_attempt(&key(2), 2, &f).await.unwrap(),
+        Begin::Moved { attempts: 2 }
+    );
+    assert_eq!(
+        store.begin_attempt(&key(1), 2, &f).await.unwrap(),
+        Begin::Gone,
+        "finished"
+    );
+    assert_eq!(
+        store.begin_attempt(&key(9), 2, &f).await.unwrap(),
+        Begin::Gone,
+        "no such row"
+    );
+    assert!(store.still_pending(&key(2), 2).await.unwrap());
+    assert!(!store.still_pending(&key(2), 1).await.unwrap());
+    assert!(!store.still_pending(&key(1), 1).await.unwrap(), "finished");
     // An outcome for a stale attempt number changes nothing.
     let applied = store
         .record_outcomes(&[(
@@ -771,7 +809,13 @@ async fn a_dead_letter_is_redriven_with_a_fresh_budget(Db { store, .. }: Db) {
         .await
         .unwrap();
     let key = |at| key("d", at);
-    assert!(store.begin_attempt(&key(10), 2).await.unwrap());
+    assert_eq!(
+        store
+            .begin_attempt(&key(10), 2, &fence("n1", &l, "d"))
+            .await
+            .unwrap(),
+        Begin::Started
+    );
     store
         .record_outcomes(&[(
             key(10),
@@ -832,7 +876,13 @@ async fn a_dead_letter_is_redriven_with_a_fresh_budget(Db { store, .. }: Db) {
     let fresh = pending.iter().find(|p| p.key == key(20)).unwrap();
     assert_eq!(fresh.attempt_limit, None);
     // Attempt numbers go on from where they stopped.
-    assert!(store.begin_attempt(&key(10), 3).await.unwrap());
+    assert_eq!(
+        store
+            .begin_attempt(&key(10), 3, &fence("n1", &l, "d"))
+            .await
+            .unwrap(),
+        Begin::Started
+    );
 }
 
 /// A batch whose COMMIT succeeded but whose reply was lost is retried with the same id: the
@@ -1216,7 +1266,13 @@ async fn put_and_pause_cancel_exactly_the_unsent_fires(db: Db) {
         ])
         .await
         .unwrap();
-    assert!(store.begin_attempt(&key("c", 50), 2).await.unwrap());
+    assert_eq!(
+        store
+            .begin_attempt(&key("c", 50), 2, &fence("n1", &l, "c"))
+            .await
+            .unwrap(),
+        Begin::Started
+    );
     let before = executions(store).await;
     assert_eq!(before.len(), 9);
     let f = fence("n1", &l, "c");
@@ -1337,7 +1393,13 @@ async fn hand_back_requeues_only_the_given_unsent_fires(db: Db) {
         fire("k", 10),
     ];
     record(store, "n1", &l1, &fires, &[]).await.unwrap();
-    assert!(store.begin_attempt(&key("h", 30), 2).await.unwrap());
+    assert_eq!(
+        store
+            .begin_attempt(&key("h", 30), 2, &fence("n1", &l1, "h"))
+            .await
+            .unwrap(),
+        Begin::Started
+    );
     store
         .record_outcomes(&[(key("h", 40), 1, Outcome::Succeeded { status: 200 })])
         .await
@@ -1404,7 +1466,13 @@ async fn hand_back_requeues_only_the_given_unsent_fires(db: Db) {
     let p = pending.iter().find(|p| p.key == key("h", 20)).unwrap();
     assert_eq!((p.attempts, p.next_attempt_at), (1, 1_020));
     // The next owner sends it as attempt 1.
-    assert!(store.begin_attempt(&key("h", 10), 1).await.unwrap());
+    assert_eq!(
+        store
+            .begin_attempt(&key("h", 10), 1, &fence("n1", &l1, "h"))
+            .await
+            .unwrap(),
+        Begin::Started
+    );
 }
 
 /// The embedded node takes every slot whatever its state, including leases another node
@@ -1514,4 +1582,33 @@ async fn old_fire_batch_ids_are_pruned(db: Db) {
     assert_eq!(db.count("executions").await, 2);
     assert_eq!(store.prune_fire_batches(i64::MAX).await.unwrap(), 1);
     assert_eq!(db.count("fire_batches").await, 0);
+}
+
+/// Leases are timed by `UNIX_TIMESTAMP(NOW(3))`, which converts through the session's zone:
+/// in a zone with DST the repeated autumn hour would stretch leases. A `timezone=` in the
+/// URL (which sqlx sends as the session zone) must not reach chime's sessions.
+async fn the_database_clock_is_utc_whatever_the_url_says(db: Db) {
+    let url = if db.url.starts_with("mysql:") {
+        format!("{}?timezone=-05:00", db.url)
+    } else {
+        db.url.clone()
+    };
+    let store = Store::connect(&url).await.unwrap();
+    // Every pooled connection, not only the first.
+    let clocks = futures::future::join_all((0..4).map(|_| store.clock())).await;
+    for clock in clocks {
+        let clock = clock.unwrap();
+        assert!(
+            matches!(clock.time_zone.as_str(), "+00:00" | "UTC"),
+            "session time zone is {:?}",
+            clock.time_zone
+        );
+        let local = chrono::Utc::now().timestamp_millis();
+        assert!(
+            (clock.now_ms - local).abs() < 2000,
+            "database clock {} vs local {local}",
+            clock.now_ms
+        );
+    }
+    store.close().await;
 }

@@ -1,8 +1,14 @@
-//! Request guards: JSON bodies with errors that name the field, bearer auth, readiness.
+//! Request guards: JSON bodies with errors that name the field, path parameters, bearer
+//! auth, readiness, and the checks that keep browsers and slow clients from abusing the API.
+
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request, State};
-use axum::http::StatusCode;
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use serde::de::DeserializeOwned;
@@ -10,7 +16,8 @@ use serde::de::DeserializeOwned;
 use super::{ApiError, ApiState};
 
 /// Like `axum::Json`, but every rejection is an [`ApiError`]: malformed JSON → 400, a
-/// well-formed body with a wrong field → 422 naming the field's path, too large → 413.
+/// well-formed body with a wrong field → 422 naming the field's path, too large → 413, not
+/// declared JSON → 415, not received within the read timeout → 408.
 pub struct JsonBody<T>(pub T);
 
 impl<S, T> FromRequest<S> for JsonBody<T>
@@ -21,25 +28,159 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit_hint = req
+        require_json(req.headers())?;
+        let rules = req
             .extensions()
-            .get::<BodyLimit>()
-            .map(|l| l.0)
-            .unwrap_or(0);
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::TooLarge(limit_hint)
-            } else {
-                ApiError::BadRequest(format!("cannot read request body: {}", e.body_text()))
-            }
-        })?;
+            .get::<BodyRules>()
+            .copied()
+            .unwrap_or_default();
+        let read = Bytes::from_request(req, state);
+        let bytes = tokio::time::timeout(rules.read_timeout, read)
+            .await
+            .map_err(|_| rules.timed_out())?
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge(rules.max_bytes)
+                } else {
+                    ApiError::BadRequest(format!("cannot read request body: {}", e.body_text()))
+                }
+            })?;
         parse_json(&bytes).map(JsonBody)
     }
 }
 
-/// The configured body limit, for the 413 message.
+/// How request bodies are read: the largest accepted, and how long a client may take to
+/// send one.
 #[derive(Clone, Copy)]
-pub struct BodyLimit(pub usize);
+pub struct BodyRules {
+    pub max_bytes: usize,
+    pub read_timeout: Duration,
+}
+
+impl Default for BodyRules {
+    fn default() -> Self {
+        BodyRules {
+            max_bytes: crate::config::DEFAULT_MAX_BODY_BYTES,
+            read_timeout: crate::config::DEFAULT_REQUEST_READ_TIMEOUT,
+        }
+    }
+}
+
+impl BodyRules {
+    pub fn timed_out(&self) -> ApiError {
+        ApiError::RequestTimeout(format!(
+            "the request body did not arrive within {} ms",
+            self.read_timeout.as_millis()
+        ))
+    }
+}
+
+/// Refuses a body declared (`Content-Length`) larger than the limit before any of it is
+/// read: waiting for bytes a client may never send would hold the connection open.
+pub async fn refuse_declared_oversize(req: Request, next: Next) -> Result<Response, ApiError> {
+    let rules = req
+        .extensions()
+        .get::<BodyRules>()
+        .copied()
+        .unwrap_or_default();
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > rules.max_bytes as u64) {
+        return Err(ApiError::TooLarge(rules.max_bytes));
+    }
+    Ok(next.run(req).await)
+}
+
+/// Bodies must be declared JSON (`application/json`, or an `application/…+json` type):
+/// a web page can send `text/plain` or a form without a CORS preflight, and accepting
+/// those would let any site a user visits write jobs on an unauthenticated node.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match essence.as_deref() {
+        Some("application/json") => Ok(()),
+        Some(t) if t.starts_with("application/") && t.ends_with("+json") => Ok(()),
+        Some(t) => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type {t:?} is not accepted; send the body as application/json"
+        ))),
+        None => Err(ApiError::UnsupportedMediaType(
+            "the request has no Content-Type; send the body as application/json".into(),
+        )),
+    }
+}
+
+/// Refuses writes a browser sends on behalf of a page from another origin (it always sends
+/// `Origin` on those). Body-less writes (pause, trigger, delete) need this: no content type
+/// can tell a page's request from a client's. Forwarded requests were checked where they
+/// arrived (and a page cannot add the forwarding header without a preflight).
+pub async fn refuse_cross_origin(req: Request, next: Next) -> Result<Response, ApiError> {
+    let is_write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let forwarded = req.headers().contains_key(super::forward::FORWARDED_BY);
+    if let Some(origin) = req
+        .headers()
+        .get(header::ORIGIN)
+        .filter(|_| is_write && !forwarded)
+    {
+        let origin = String::from_utf8_lossy(origin.as_bytes()).into_owned();
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        let same = host.is_some_and(|host| {
+            origin
+                .split_once("://")
+                .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(&host))
+        });
+        if !same {
+            let shown: String = origin.chars().take(100).collect();
+            return Err(ApiError::Forbidden(format!(
+                "cross-origin write from {shown:?} refused; call the API from a client, \
+                 not from a page of another site"
+            )));
+        }
+    }
+    Ok(next.run(req).await)
+}
+
+/// Like `axum::extract::Path`, with rejections as the contract's JSON errors.
+pub struct PathParams<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for PathParams<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(PathParams(v)),
+            Err(PathRejection::FailedToDeserializePathParams(e)) => {
+                Err(ApiError::BadRequest(match e.kind() {
+                    ErrorKind::InvalidUtf8InPathParam { key } => format!(
+                        "path: {key} is not valid UTF-8 once percent-decoded; \
+                         percent-encode the UTF-8 bytes of the value"
+                    ),
+                    _ => format!("path: {}", e.body_text()),
+                }))
+            }
+            Err(e) => Err(ApiError::BadRequest(format!("path: {}", e.body_text()))),
+        }
+    }
+}
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {

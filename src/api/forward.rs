@@ -47,10 +47,7 @@ pub async fn route_to_owner(
     if req.method() == Method::POST && path == "/v1/jobs" {
         // The id, if any, is in the body: read it (bounded) to route the request.
         let (parts, body) = req.into_parts();
-        let limit = state.max_body_bytes;
-        let bytes = to_bytes(body, limit)
-            .await
-            .map_err(|_| ApiError::TooLarge(limit))?;
+        let bytes = state.read_body(body).await?;
         let id = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
             .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string));
@@ -78,6 +75,15 @@ fn original_uri(req: &Request) -> axum::http::Uri {
 }
 
 impl ApiState {
+    /// Reads a whole body within the size limit and the read timeout.
+    async fn read_body(&self, body: Body) -> Result<axum::body::Bytes, ApiError> {
+        let rules = self.body;
+        tokio::time::timeout(rules.read_timeout, to_bytes(body, rules.max_bytes))
+            .await
+            .map_err(|_| rules.timed_out())?
+            .map_err(|_| ApiError::TooLarge(rules.max_bytes))
+    }
+
     /// The owner of `id`'s slot if it is another node (None: this node, or no ring yet).
     fn remote_owner(&self, id: &str) -> Option<String> {
         let ring = self.cluster.ring();
@@ -103,9 +109,7 @@ async fn forward(
     let (parts, req_body) = req.into_parts();
     let bytes = match body {
         Some(b) => b,
-        None => to_bytes(req_body, state.max_body_bytes)
-            .await
-            .map_err(|_| ApiError::TooLarge(state.max_body_bytes))?,
+        None => state.read_body(req_body).await?,
     };
     let uri = parts
         .extensions

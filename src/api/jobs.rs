@@ -10,13 +10,13 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::extract::JsonBody;
+use super::extract::{JsonBody, PathParams};
 use super::{ApiError, ApiState};
 use crate::clock::{fmt_ms, now_ms};
 use crate::job::{self, Callback, Job, JobInput, RetryPolicy, StoredSpec, ValidJob};
@@ -136,7 +136,7 @@ fn record_of(v: &ValidJob, now: i64) -> Result<(JobRecord, Arc<Job>), ApiError> 
 
 pub async fn put(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     JsonBody(input): JsonBody<JobInput>,
 ) -> Result<Response, ApiError> {
     check_path_id(&id)?;
@@ -268,7 +268,7 @@ fn undo(
 
 pub async fn get(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<JobView>, ApiError> {
     check_path_id(&id)?;
     let rec = state
@@ -357,7 +357,7 @@ pub async fn list(
 
 pub async fn delete(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
     check_path_id(&id)?;
     state.require_lease(&id)?;
@@ -366,7 +366,11 @@ pub async fn delete(
         let fence = state.fence(&id)?;
         let held = state.scheduler.hold(&id).await?;
         match state.store.delete_job(&id, &fence).await {
-            Ok(true) => Ok(StatusCode::NO_CONTENT),
+            Ok(true) => {
+                // Its rows are gone; deliveries already queued in memory go with them.
+                state.delivery.cancel_job(&id);
+                Ok(StatusCode::NO_CONTENT)
+            }
             Ok(false) => {
                 state.scheduler.restore(held);
                 Err(not_found(&id))
@@ -387,7 +391,7 @@ struct TriggerView {
 
 pub async fn trigger(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     check_path_id(&id)?;
     let (_guard, rec) = lock_existing(&state, &id).await?;
@@ -429,14 +433,14 @@ fn stored_job(rec: &JobRecord) -> Result<Arc<Job>, ApiError> {
 
 pub async fn pause(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<JobView>, ApiError> {
     set_paused(state, id, true).await
 }
 
 pub async fn resume(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<JobView>, ApiError> {
     set_paused(state, id, false).await
 }
@@ -556,7 +560,7 @@ pub async fn executions_by_status(
 
 pub async fn executions(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     query: Result<Query<ExecQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ExecList>, ApiError> {
     check_path_id(&id)?;
@@ -587,7 +591,7 @@ struct RedriveView {
 /// `POST /v1/jobs/{id}/executions/{execution_id}/retry`: re-drives a dead letter.
 pub async fn retry_execution(
     State(state): State<ApiState>,
-    Path((id, execution_id)): Path<(String, String)>,
+    PathParams((id, execution_id)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     check_path_id(&id)?;
     let scheduled_at = execution_id

@@ -4,6 +4,7 @@ mod error;
 mod extract;
 mod forward;
 mod jobs;
+mod server;
 pub(crate) mod system;
 
 use std::sync::Arc;
@@ -17,6 +18,8 @@ use axum::response::Response;
 use axum::routing::{get, post, put};
 
 pub use error::ApiError;
+pub use extract::BodyRules;
+pub use server::serve;
 pub use system::{MAX_PREVIEW, preview_times};
 
 use crate::cluster::{Cluster, Leases};
@@ -35,7 +38,7 @@ pub struct ApiState {
     leases: Arc<Leases>,
     /// Client for forwarding requests to other nodes.
     forwarder: reqwest::Client,
-    max_body_bytes: usize,
+    body: BodyRules,
     rules: crate::job::TargetRules,
     api_token: Option<Arc<str>>,
     ready: Arc<AtomicBool>,
@@ -44,7 +47,7 @@ pub struct ApiState {
 pub struct ApiConfig {
     pub node_id: String,
     pub api_token: Option<String>,
-    pub max_body_bytes: usize,
+    pub body: BodyRules,
     pub rules: crate::job::TargetRules,
 }
 
@@ -66,10 +69,12 @@ impl ApiState {
             leases,
             forwarder: reqwest::Client::builder()
                 .no_proxy()
+                // The owner's answer, redirect or not, goes back to the client as it is.
+                .redirect(reqwest::redirect::Policy::none())
                 .connect_timeout(std::time::Duration::from_secs(2))
                 .build()
                 .expect("a client with static settings builds"),
-            max_body_bytes: config.max_body_bytes,
+            body: config.body,
             rules: config.rules,
             api_token: config.api_token.map(Into::into),
             ready: Arc::new(AtomicBool::new(false)),
@@ -120,7 +125,8 @@ impl ApiState {
     }
 }
 
-pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+pub fn router(state: ApiState) -> Router {
+    let body = state.body;
     let v1 = Router::new()
         .route("/jobs", post(jobs::create).get(jobs::list))
         .route(
@@ -149,7 +155,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             extract::require_token,
-        ));
+        ))
+        .route_layer(middleware::from_fn(extract::refuse_cross_origin));
     let node_header = HeaderValue::from_str(&state.node_id).ok();
     Router::new()
         .nest("/v1", v1)
@@ -158,8 +165,9 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/metrics", get(system::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(axum::Extension(extract::BodyLimit(max_body_bytes)))
+        .layer(DefaultBodyLimit::max(body.max_bytes))
+        .layer(middleware::from_fn(extract::refuse_declared_oversize))
+        .layer(axum::Extension(body))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let node_header = node_header.clone();
             async move {

@@ -10,6 +10,13 @@ pub(crate) enum AttemptError {
         retry_after: Option<Duration>,
         body: String,
     },
+    /// A 3xx: callbacks do not follow redirects, so the attempt failed and is not retried
+    /// (the job's URL has to be corrected).
+    #[error(
+        "HTTP {status} redirect to {location:?} not followed: callbacks are never redirected; \
+         set the job's callback URL to the final address"
+    )]
+    Redirect { status: u16, location: String },
     #[error("gRPC {code:?}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
     Grpc { code: tonic::Code, message: String },
     #[error("timed out after {0} ms")]
@@ -47,7 +54,7 @@ impl AttemptError {
             | AttemptError::Connect(_)
             | AttemptError::Transport(_)
             | AttemptError::NoInstance(_) => true,
-            AttemptError::Refused(_) => false,
+            AttemptError::Refused(_) | AttemptError::Redirect { .. } => false,
         }
     }
 
@@ -71,7 +78,9 @@ impl AttemptError {
 
     pub fn status(&self) -> Option<u16> {
         match self {
-            AttemptError::Status { status, .. } => Some(*status),
+            AttemptError::Status { status, .. } | AttemptError::Redirect { status, .. } => {
+                Some(*status)
+            }
             _ => None,
         }
     }
@@ -118,6 +127,11 @@ mod tests {
         assert!(AttemptError::Transport("reset".into()).is_retryable());
         assert!(AttemptError::Connect("refused".into()).is_retryable());
         assert!(!AttemptError::Refused("metadata".into()).is_retryable());
+        let redirect = AttemptError::Redirect {
+            status: 307,
+            location: "http://127.0.0.2/".into(),
+        };
+        assert!(!redirect.is_retryable() && !redirect.is_downstream_failure());
         assert!(AttemptError::NoInstance("none".into()).is_retryable());
         assert!(!AttemptError::NoInstance("none".into()).is_downstream_failure());
     }

@@ -87,6 +87,19 @@ pub(crate) async fn send(
         .await
         .map_err(|e| classify(e, cb.timeout_ms))?;
     let status = resp.status().as_u16();
+    if resp.status().is_redirection() {
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .chars()
+                    .take(256)
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Err(AttemptError::Redirect { status, location });
+    }
     if resp.status().is_success() {
         // Not reading the body would cost the keep-alive connection; reading all of a hostile
         // one would cost memory: drain at most a few KB within the request timeout.

@@ -23,8 +23,10 @@ mod outbound;
 mod retry;
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -37,7 +39,7 @@ use crate::clock::{now_ms, now_us};
 use crate::cluster::Leases;
 use crate::job::{Callback, Target};
 use crate::metrics;
-use crate::store::{ExecKey, Outcome, PendingDelivery, Store};
+use crate::store::{Begin, ExecKey, Fence, Outcome, PendingDelivery, Store, StoreError};
 use consul::{Consul, Picked};
 use error::AttemptError;
 use grpc::GrpcClients;
@@ -65,6 +67,9 @@ pub struct DeliveryTask {
     pub attempt_limit: Option<u32>,
     /// Consul instances that failed this delivery; its next attempt prefers others.
     pub avoid: Vec<Arc<str>>,
+    /// When this delivery was handed to this node's delivery: a job deleted after that has
+    /// cancelled it (see [`Deleted`]).
+    pub queued: Instant,
 }
 
 impl DeliveryTask {
@@ -80,6 +85,7 @@ impl DeliveryTask {
             target,
             attempt_limit: None,
             avoid: Vec::new(),
+            queued: Instant::now(),
         }
     }
 
@@ -92,9 +98,51 @@ impl DeliveryTask {
 #[derive(Clone)]
 pub struct DeliveryHandle {
     tx: mpsc::UnboundedSender<DeliveryTask>,
+    deleted: Arc<Deleted>,
+}
+
+/// A first attempt is not re-checked against the store (its row was written by the fire
+/// itself, and checking every fire would cost a query per fire). A job deleted while such
+/// deliveries wait (for a permit, or behind an open circuit) must still stop them: deletes
+/// are remembered here for [`DELETED_MEMORY`], and a delivery queued longer ago than
+/// [`VERIFY_AFTER`] asks the store instead. `VERIFY_AFTER < DELETED_MEMORY`, so one of the
+/// two always covers a delivery queued before the delete.
+#[derive(Default)]
+struct Deleted {
+    jobs: Mutex<HashMap<Arc<str>, Instant>>,
+}
+
+const DELETED_MEMORY: Duration = Duration::from_secs(120);
+const VERIFY_AFTER: Duration = Duration::from_secs(60);
+
+impl Deleted {
+    fn remember(&self, job_id: &str) {
+        let now = Instant::now();
+        let mut jobs = self.jobs.lock().expect("deleted jobs lock");
+        // Pruned as it grows, so a burst of deletes costs amortised O(1) each.
+        if jobs.len() >= 1024 && jobs.len().is_power_of_two() {
+            jobs.retain(|_, at| now.duration_since(*at) < DELETED_MEMORY);
+        }
+        jobs.insert(job_id.into(), now);
+    }
+
+    /// The delivery's job was deleted after the delivery was queued.
+    fn cancels(&self, task: &DeliveryTask) -> bool {
+        self.jobs
+            .lock()
+            .expect("deleted jobs lock")
+            .get(&*task.key.job_id)
+            .is_some_and(|at| task.queued <= *at)
+    }
 }
 
 impl DeliveryHandle {
+    /// Called before a job's delete is written: no delivery of the job queued until now is
+    /// started after this returns (one already being sent may finish).
+    pub fn cancel_job(&self, job_id: &str) {
+        self.deleted.remember(job_id);
+    }
+
     pub fn submit(&self, tasks: Vec<DeliveryTask>) {
         for t in tasks {
             // Fails only after shutdown; the row stays pending and resumes after restart.
@@ -104,6 +152,8 @@ impl DeliveryHandle {
 }
 
 pub struct DeliveryConfig {
+    /// This node: attempts are fenced by its leases.
+    pub node_id: Arc<str>,
     pub concurrency: usize,
     pub per_target_concurrency: usize,
     pub outbound: OutboundPolicy,
@@ -135,13 +185,20 @@ pub fn spawn(
 ) -> Result<DeliveryHandle, DeliveryError> {
     let (tx, rx) = mpsc::unbounded_channel();
     let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
-    let handle = DeliveryHandle { tx };
+    let handle = DeliveryHandle {
+        tx,
+        deleted: Arc::default(),
+    };
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .pool_idle_timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .no_proxy()
+        // A followed redirect would reach an address the outbound policy never saw (IP
+        // literals bypass the resolver) and carry the job's headers there: a 3xx is a
+        // failed attempt instead.
+        .redirect(reqwest::redirect::Policy::none())
         .dns_resolver(Arc::new(outbound::CheckedResolver {
             policy: config.outbound.clone(),
         }))
@@ -171,6 +228,7 @@ pub fn spawn(
         permits: Arc::new(Semaphore::new(config.concurrency)),
     });
     let dispatcher = Dispatcher {
+        node_id: config.node_id.clone(),
         store: store.clone(),
         transports,
         rx,
@@ -211,6 +269,7 @@ pub fn resume_tasks(pending: Vec<PendingDelivery>) -> Vec<DeliveryTask> {
                 target: Arc::new(target),
                 attempt_limit: p.attempt_limit,
                 avoid: Vec::new(),
+                queued: Instant::now(),
             }),
             Err(e) => {
                 tracing::error!(job_id = %p.key.job_id, scheduled_at = p.key.scheduled_at, error = %e, "stored delivery snapshot is unreadable; leaving it pending");
@@ -246,6 +305,7 @@ type AttemptResult = Result<u16, AttemptError>;
 type OutcomeTx = mpsc::UnboundedSender<(DeliveryTask, AttemptResult)>;
 
 struct Dispatcher {
+    node_id: Arc<str>,
     store: Store,
     transports: Arc<Transports>,
     rx: mpsc::UnboundedReceiver<DeliveryTask>,
@@ -337,6 +397,8 @@ impl Dispatcher {
                 continue;
             }
             let ctx = AttemptCtx {
+                node_id: self.node_id.clone(),
+                deleted: self.requeue.deleted.clone(),
                 store: self.store.clone(),
                 transports: self.transports.clone(),
                 dest,
@@ -406,6 +468,8 @@ impl Destination {
 }
 
 struct AttemptCtx {
+    node_id: Arc<str>,
+    deleted: Arc<Deleted>,
     store: Store,
     transports: Arc<Transports>,
     dest: Destination,
@@ -469,13 +533,50 @@ impl AttemptCtx {
                 return None;
             }
         };
+        if self.deleted.cancels(&task) {
+            return None;
+        }
+        let fence = Fence {
+            node: self.node_id.clone(),
+            slot: task.slot,
+            epoch: self.leases.epochs_of([task.slot]).remove(&task.slot)?,
+        };
         if !task.attempt_persisted {
-            match self.store.begin_attempt(&task.key, task.attempt).await {
-                Ok(true) => task.attempt_persisted = true,
+            match self
+                .store
+                .begin_attempt(&task.key, task.attempt, &fence)
+                .await
+            {
+                Ok(Begin::Started) => task.attempt_persisted = true,
                 // Job deleted, or the delivery finished elsewhere: nothing to send.
-                Ok(false) => return None,
+                Ok(Begin::Gone) | Err(StoreError::Fenced(_)) => return None,
+                // Begun already: by an earlier try of this statement whose reply was lost,
+                // or by a former owner that may have sent it. Either way that number is
+                // spent; go on with the next.
+                Ok(Begin::Moved { attempts }) => {
+                    if attempts >= task.attempt_limit() {
+                        tracing::warn!(job_id = %task.key.job_id, scheduled_at = task.key.scheduled_at, attempts, "delivery's attempts are spent but it is still pending; it resumes when its slot is next loaded");
+                        return None;
+                    }
+                    task.attempt = attempts + 1;
+                    task.due = now_ms();
+                    self.requeue.submit(vec![task]);
+                    return None;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, job_id = %task.key.job_id, "cannot persist attempt number, retrying in 1s");
+                    task.due = now_ms() + 1000;
+                    self.requeue.submit(vec![task]);
+                    return None;
+                }
+            }
+        } else if task.queued.elapsed() > VERIFY_AFTER {
+            // Too old for the memory of deletes: ask the store whether it is still due.
+            match self.store.still_pending(&task.key, task.attempt).await {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => {
+                    tracing::warn!(error = %e, job_id = %task.key.job_id, "cannot check a waiting delivery, retrying in 1s");
                     task.due = now_ms() + 1000;
                     self.requeue.submit(vec![task]);
                     return None;

@@ -365,6 +365,7 @@ pub fn spawn(
             // stays within 1.5 × `history_keep`, at two queries per `keep / 2` fires.
             prune_every: (config.history_keep / 2).max(1),
             fired_since_prune: Default::default(),
+            counts_swept: std::time::Instant::now(),
             prune_tx,
             lost_tx,
             cancel: cancel.clone(),

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::table::RecordedFire;
+use super::table::{RecordedFire, Table};
 use crate::clock::now_ms;
 use crate::cluster::Leases;
 use crate::job::Job;
@@ -63,6 +63,8 @@ pub(super) struct Recorder {
     pub catchup_window_ms: i64,
     pub prune_every: u32,
     pub fired_since_prune: HashMap<Arc<str>, u32>,
+    /// When `fired_since_prune` last dropped the jobs that left the table.
+    pub counts_swept: Instant,
     pub prune_tx: mpsc::UnboundedSender<Arc<str>>,
     pub lost_tx: mpsc::UnboundedSender<Vec<(u32, i64)>>,
     pub cancel: CancellationToken,
@@ -237,7 +239,14 @@ impl Recorder {
         for f in b.sendable.iter().filter(|f| ok(f)) {
             self.count_for_pruning(&f.job.id);
         }
-        self.shared.table().finish_batch(b.sendable, ok);
+        {
+            let mut table = self.shared.table();
+            table.finish_batch(b.sendable, ok);
+            if self.counts_swept.elapsed() >= SWEEP_COUNTS_EVERY {
+                self.counts_swept = Instant::now();
+                forget_gone(&mut self.fired_since_prune, &table);
+            }
+        }
         self.shared.send_wake.notify_one();
         self.shared.batch_done.notify_waiters();
         if !lost.is_empty() {
@@ -339,4 +348,31 @@ fn collapse_missed(
         summary.missed_unrecorded += 1;
     }
     latest
+}
+
+/// How often the per-job fire counts forget jobs no longer in the table (deleted, moved to
+/// another node, or one-shots that have fired): without it the map only grows.
+const SWEEP_COUNTS_EVERY: Duration = Duration::from_secs(60);
+
+fn forget_gone(counts: &mut HashMap<Arc<str>, u32>, table: &Table) {
+    counts.retain(|id, _| table.contains(id));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fire_counts_forget_jobs_that_left_the_table() {
+        let mut table = Table::default();
+        let kept = super::super::table::tests::job("kept", 3);
+        table.arm(kept.clone(), Some(1_000));
+        let mut counts: HashMap<Arc<str>, u32> = HashMap::new();
+        counts.insert(kept.id.clone(), 3);
+        counts.insert("deleted".into(), 7);
+        counts.insert("moved".into(), 1);
+        forget_gone(&mut counts, &table);
+        assert_eq!(counts.len(), 1);
+        assert_eq!(counts.get("kept"), Some(&3));
+    }
 }

@@ -61,6 +61,9 @@ impl Held {
 #[derive(Debug)]
 pub(crate) struct InFlight;
 
+/// `last_manual` is never pruned below this size (pruning is O(n): amortised by doubling).
+const MANUAL_PRUNE_MIN: usize = 64;
+
 #[derive(Default)]
 pub(crate) struct Table {
     jobs: HashMap<Arc<str>, Entry>,
@@ -68,7 +71,10 @@ pub(crate) struct Table {
     to_send: BTreeMap<(i64, Arc<str>), RecordedFire>,
     generation: u64,
     /// Last manual fire time per job, so two triggers in one millisecond get distinct times.
+    /// Only entries not in the past matter; the rest are dropped as the map grows.
     last_manual: HashMap<Arc<str>, i64>,
+    /// `last_manual`'s size that triggers the next drop of past entries.
+    last_manual_prune_at: usize,
 }
 
 impl Table {
@@ -309,8 +315,21 @@ impl Table {
                 t += 1;
             }
         }
+        if self.last_manual.len() >= self.last_manual_prune_at {
+            self.last_manual.retain(|_, last| *last >= now);
+            self.last_manual_prune_at = (self.last_manual.len() * 2).max(MANUAL_PRUNE_MIN);
+        }
         self.last_manual.insert(id.clone(), t);
         t
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.jobs.contains_key(id)
+    }
+
+    #[cfg(test)]
+    fn manual_entries(&self) -> usize {
+        self.last_manual.len()
     }
 
     pub fn len(&self) -> usize {
@@ -327,12 +346,12 @@ impl Table {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::job::{Callback, HttpCallback, RetryPolicy, Target};
     use crate::schedule::Schedule;
 
-    fn job(id: &str, slot: u32) -> Arc<Job> {
+    pub(crate) fn job(id: &str, slot: u32) -> Arc<Job> {
         let target = Target {
             callback: Callback::Http(HttpCallback {
                 url: "http://h/".into(),
@@ -450,6 +469,28 @@ mod tests {
         let held = t.hold("a", 3_000).expect("nothing in flight");
         assert_eq!(held.cancelled_times(), vec![4_000]);
         assert!(!held.cancelled[0].claimed);
+    }
+
+    #[test]
+    fn past_manual_times_are_forgotten_as_triggers_go_on() {
+        let mut t = Table::default();
+        for i in 0..10_000i64 {
+            let id: Arc<str> = format!("j{i}").into();
+            t.manual_time(&id, 1_000 + i);
+        }
+        assert!(
+            t.manual_entries() <= 2 * MANUAL_PRUNE_MIN,
+            "{} entries kept for 10,000 one-off triggers",
+            t.manual_entries()
+        );
+        // Entries still in the future are kept: two triggers in one millisecond differ.
+        let id: Arc<str> = "same".into();
+        let first = t.manual_time(&id, 50_000);
+        for i in 0..200i64 {
+            let other: Arc<str> = format!("k{i}").into();
+            t.manual_time(&other, 50_000);
+        }
+        assert_eq!(t.manual_time(&id, 50_000), first + 1);
     }
 
     #[test]

@@ -9,13 +9,25 @@ use std::sync::Arc;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{AnyQuery, LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError, bind_slots, in_list};
+use super::{AnyQuery, Fence, LOAD_TIMEOUT, OP_TIMEOUT, Store, StoreError, bind_slots, in_list};
 
 /// Rows per multi-row statement; keeps bind counts far below both backends' limits.
 const CHUNK: usize = 500;
 const MAX_ERROR_LEN: usize = 1000;
 
 /// An execution's identity: one (job, scheduled time). Its API id is `scheduled_at` in ms.
+/// What [`Store::begin_attempt`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Begin {
+    /// Stored: send the attempt.
+    Started,
+    /// Pending, but `attempts` attempts are already begun: by an earlier try of the same
+    /// statement whose reply was lost, or by a former owner of the slot.
+    Moved { attempts: u32 },
+    /// No pending row: the job was deleted or the delivery has finished.
+    Gone,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExecKey {
     pub job_id: Arc<str>,
@@ -411,23 +423,77 @@ impl Store {
         .await
     }
 
-    /// Persists that `attempt` is about to be sent. False if the execution is gone (job
-    /// deleted) or no longer at `attempt - 1` (someone else moved it): then do not send.
-    pub async fn begin_attempt(&self, key: &ExecKey, attempt: u32) -> Result<bool, StoreError> {
+    /// Persists that `attempt` is about to be sent, if `fence` still holds the job's slot
+    /// and the row is pending at `attempt - 1`. Otherwise says what the row shows instead.
+    pub async fn begin_attempt(
+        &self,
+        key: &ExecKey,
+        attempt: u32,
+        fence: &Fence,
+    ) -> Result<Begin, StoreError> {
         self.timed(OP_TIMEOUT, async move {
             let _turn = self.write_turn().await;
-            let n = sqlx::query(
+            // The lease is checked in the statement itself (no lock on the lease row, which
+            // fire batches update): a former owner cannot begin an attempt after a handover.
+            let sql = sqlx::AssertSqlSafe(format!(
                 "UPDATE executions SET attempts = ? WHERE job_id = ? AND scheduled_at = ? \
-                 AND attempts = ? AND status = 'pending'",
+                 AND attempts = ? AND status = 'pending' AND EXISTS (SELECT 1 FROM slot_leases \
+                 WHERE slot = ? AND owner = ? AND epoch = ? AND expires_at > {})",
+                self.db_now()
+            ));
+            let n = sqlx::query(sql)
+                .bind(i64::from(attempt))
+                .bind(key.job_id.to_string())
+                .bind(key.scheduled_at)
+                .bind(i64::from(attempt) - 1)
+                .bind(i64::from(fence.slot))
+                .bind(fence.node.to_string())
+                .bind(fence.epoch)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            if n == 1 {
+                crate::faults::after_begin_attempt()?;
+                return Ok(Begin::Started);
+            }
+            let row = sqlx::query(
+                "SELECT attempts, status FROM executions WHERE job_id = ? AND scheduled_at = ?",
             )
-            .bind(i64::from(attempt))
             .bind(key.job_id.to_string())
             .bind(key.scheduled_at)
-            .bind(i64::from(attempt) - 1)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            Ok(n == 1)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(row) = row else {
+                return Ok(Begin::Gone);
+            };
+            let attempts: i64 = row.try_get("attempts")?;
+            let status: String = row.try_get("status")?;
+            if status != "pending" {
+                Ok(Begin::Gone)
+            } else if attempts == i64::from(attempt) - 1 {
+                Err(StoreError::Fenced(fence.slot))
+            } else {
+                Ok(Begin::Moved {
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                })
+            }
+        })
+        .await
+    }
+
+    /// Whether the delivery is still pending at `attempts` (not deleted, not finished).
+    pub async fn still_pending(&self, key: &ExecKey, attempts: u32) -> Result<bool, StoreError> {
+        self.timed(OP_TIMEOUT, async move {
+            let found = sqlx::query(
+                "SELECT 1 FROM executions WHERE job_id = ? AND scheduled_at = ? \
+                 AND attempts = ? AND status = 'pending'",
+            )
+            .bind(key.job_id.to_string())
+            .bind(key.scheduled_at)
+            .bind(i64::from(attempts))
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(found.is_some())
         })
         .await
     }

@@ -17,10 +17,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, ConnectOptions, Connection};
+use sqlx::{AnyPool, ConnectOptions, Connection, Row};
 
 pub use executions::{
-    BatchOutcome, ExecKey, ExecStatus, ExecutionRecord, NewFire, Outcome, PendingDelivery,
+    BatchOutcome, Begin, ExecKey, ExecStatus, ExecutionRecord, NewFire, Outcome, PendingDelivery,
     Progress, Redrive,
 };
 pub use jobs::{JobRecord, PutOutcome};
@@ -122,6 +122,12 @@ const SQLITE_PRAGMAS: &[&str] = &[
 /// server: that is what ends the open transaction of a node cut off from the database, and
 /// with it the locks its peers wait for.
 async fn set_mysql_session(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    // Lease times come from `UNIX_TIMESTAMP(NOW(3))`, which converts through the session's
+    // zone: in a zone with DST the autumn hour repeats and a lease would look valid an hour
+    // longer. sqlx sends UTC by default, but a `timezone=` URL parameter overrides that.
+    sqlx::query("SET time_zone = '+00:00'")
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
         .execute(&mut *conn)
         .await?;
@@ -136,6 +142,13 @@ async fn set_mysql_session(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::E
 
 const LOCK_WAIT_SECS: u32 = 3;
 const IDLE_SESSION_SECS: u32 = 30;
+
+/// What [`Store::clock`] reads.
+#[derive(Debug, Clone)]
+pub struct DbClock {
+    pub now_ms: i64,
+    pub time_zone: String,
+}
 
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
@@ -314,6 +327,25 @@ impl Store {
             let mut conn = self.control.acquire().await?;
             conn.ping().await?;
             Ok(())
+        })
+        .await
+    }
+
+    /// The database's clock (unix ms) and the time zone of this store's sessions, read on
+    /// a pooled connection: leases are timed by this clock, fires by the node's.
+    pub async fn clock(&self) -> Result<DbClock, StoreError> {
+        let sql = match self.dialect {
+            Dialect::MySql => format!("SELECT {}, @@session.time_zone", self.db_now()),
+            Dialect::Sqlite => format!("SELECT {}, 'UTC'", self.db_now()),
+        };
+        self.timed(OP_TIMEOUT, async move {
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(DbClock {
+                now_ms: row.try_get(0)?,
+                time_zone: row.try_get(1)?,
+            })
         })
         .await
     }

@@ -717,6 +717,7 @@ pub struct Script {
     queue: VecDeque<u16>,
     then: u16,
     delay: Duration,
+    location: Option<String>,
 }
 
 impl Script {
@@ -730,6 +731,15 @@ impl Script {
             queue: statuses.iter().copied().collect(),
             then,
             delay: Duration::ZERO,
+            location: None,
+        }
+    }
+
+    /// Every answer is `status` (a 3xx) with `Location: location`.
+    pub fn redirect(status: u16, location: &str) -> Script {
+        Script {
+            location: Some(location.to_string()),
+            ..Script::always(status)
         }
     }
 
@@ -739,8 +749,12 @@ impl Script {
         self
     }
 
-    fn next(&mut self) -> (u16, Duration) {
-        (self.queue.pop_front().unwrap_or(self.then), self.delay)
+    fn next(&mut self) -> (u16, Duration, Option<String>) {
+        (
+            self.queue.pop_front().unwrap_or(self.then),
+            self.delay,
+            self.location.clone(),
+        )
     }
 }
 
@@ -829,11 +843,16 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(script: Script) -> Receiver {
+        Receiver::start_on("127.0.0.1", script).await
+    }
+
+    /// Like [`Receiver::start`], bound to another loopback address (e.g. 127.0.0.2).
+    pub async fn start_on(ip: &str, script: Script) -> Receiver {
         let shared = Arc::new(Shared {
             script: Mutex::new(script),
             requests: Mutex::new(Vec::new()),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
             .expect("bind the receiver");
         let addr = listener.local_addr().expect("receiver address");
@@ -887,9 +906,9 @@ async fn record(
     uri: Uri,
     headers: HeaderMap,
     raw: Bytes,
-) -> (StatusCode, &'static str) {
+) -> (StatusCode, HeaderMap, &'static str) {
     let at_ms = now_ms();
-    let (status, delay) = shared.script.lock().unwrap().next();
+    let (status, delay, location) = shared.script.lock().unwrap().next();
     let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     shared.requests.lock().unwrap().push(Received {
         at_ms,
@@ -904,7 +923,11 @@ async fn record(
         tokio::time::sleep(delay).await;
     }
     let status = StatusCode::from_u16(status).expect("a valid scripted status");
-    (status, if status.is_success() { "ok" } else { "no" })
+    let mut out = HeaderMap::new();
+    if let Some(location) = location {
+        out.insert("location", location.parse().expect("a valid Location"));
+    }
+    (status, out, if status.is_success() { "ok" } else { "no" })
 }
 
 pub async fn start_node(db: &Db, id: &str, seed: Option<&Chime>, extra: &[&str]) -> Chime {

@@ -1,0 +1,116 @@
+//! Deliveries that must not be sent, and deliveries that must not be dropped: a deleted
+//! job's queued callbacks, and an attempt whose stored number's reply was lost.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+
+common::backend_tests! {
+    a_deleted_job_sends_nothing_after_the_answer,
+    an_attempt_whose_stored_number_is_lost_is_still_delivered,
+}
+
+/// Jobs fire every second at a target that fails until its circuit opens; their first
+/// attempts wait behind the open circuit. They are deleted, then the target recovers:
+/// nothing of the deleted jobs may arrive after the DELETE answered.
+async fn a_deleted_job_sends_nothing_after_the_answer(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let rx = Receiver::start(Script::always(500)).await;
+    let node = Chime::start(&db, "n1", &[]).await;
+    let ids: Vec<String> = (0..5).map(|i| format!("doomed-{i}")).collect();
+    for id in &ids {
+        let r = node
+            .put(&format!("/v1/jobs/{id}"), &http_job("@every 1s", &rx.url()))
+            .await;
+        assert_eq!(r.status, 201, "{r}");
+    }
+    // Long enough for the circuit to open and for fires to queue behind it.
+    let opened = wait_until(Duration::from_secs(20), async || {
+        node.logs().iter().any(|l| l.contains("circuit opened"))
+    })
+    .await;
+    assert!(opened, "the circuit never opened");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let mut deleted_at = 0;
+    for id in &ids {
+        let r = node.delete(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(r.status, 204, "{r}");
+        deleted_at = now_ms();
+    }
+    let r = node.get("/v1/executions?status=pending&limit=1000").await;
+    assert_eq!(r.status, 200, "{r}");
+    assert_eq!(r.json["executions"], serde_json::json!([]), "{r}");
+
+    // The target recovers. A job created now on the same target proves the circuit closed
+    // and the queue behind it drained.
+    rx.set_script(Script::always(200));
+    let r = node
+        .put("/v1/jobs/canary", &http_job("@every 1s", &rx.url()))
+        .await;
+    assert_eq!(r.status, 201, "{r}");
+    let delivered = wait_until(Duration::from_secs(90), async || {
+        rx.requests()
+            .iter()
+            .any(|c| c.job_id() == "canary" && c.answered == 200)
+    })
+    .await;
+    assert!(delivered, "the canary was never delivered");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let doomed: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let late: Vec<Received> = rx
+        .requests()
+        .into_iter()
+        .filter(|c| doomed.contains(c.job_id()) && c.at_ms > deleted_at)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} callbacks of deleted jobs arrived after the DELETE answered, e.g. {:?}",
+        late.len(),
+        late.first()
+    );
+}
+
+/// Storing attempt 2's number commits but its reply is lost (fault injection): the delivery
+/// must still go out (with a later attempt number), not stay pending unsent.
+async fn an_attempt_whose_stored_number_is_lost_is_still_delivered(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let rx = Receiver::start(Script::first(&[503], 200)).await;
+    let node = Chime::start_with_env(
+        &db,
+        "n1",
+        &[],
+        &[("CHIME_FAULTS", Some("lose_attempt_reply:1"))],
+    )
+    .await;
+    let in_a_moment = rfc3339_ms(now_ms() + 1500);
+    let mut job = http_job(&format!("@at {in_a_moment}"), &rx.url());
+    job["retry"] = serde_json::json!({"initial_backoff_ms": 100, "max_backoff_ms": 200});
+    let r = node.put("/v1/jobs/once", &job).await;
+    assert_eq!(r.status, 201, "{r}");
+    let done = wait_for(Duration::from_secs(30), async || {
+        node.executions("once")
+            .await
+            .into_iter()
+            .find(|e| e["status"] != "pending")
+    })
+    .await;
+    let calls = rx.requests();
+    assert!(
+        node.logs()
+            .iter()
+            .any(|l| l.contains("reply to a stored attempt number is lost")),
+        "the fault was injected"
+    );
+    let done = done.unwrap_or_else(|| panic!("the delivery stayed pending; callbacks: {calls:?}"));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(calls.len(), 2, "one failure, then one success: {calls:?}");
+    assert!(
+        calls[1].attempt() > 2,
+        "the lost attempt number is not reused: {calls:?}"
+    );
+}
