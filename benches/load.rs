@@ -451,6 +451,7 @@ async fn registration(runs: usize, jobs: usize) -> Res<()> {
                     let t = Instant::now();
                     let resp = client
                         .put(format!("{base}/v1/jobs/reg-{i:08}"))
+                        .header("content-type", "application/json")
                         .body(body)
                         .send()
                         .await
@@ -966,7 +967,13 @@ async fn put_once(
         }
         Ok(PutAttempt::Failed)
     };
-    let resp = match client.put(url).body(body.to_string()).send().await {
+    let resp = match client
+        .put(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+    {
         Ok(resp) => resp,
         Err(e) => return counted(e),
     };
@@ -1197,6 +1204,7 @@ async fn probe(base: String, jobs: usize, spec: String, length: Duration) -> Res
         tick.tick().await;
         let put = client
             .put(format!("{base}/v1/jobs/probe-{:03}", k % PROBE_JOBS))
+            .header("content-type", "application/json")
             .body(spec.clone());
         let get = client.get(format!(
             "{base}/v1/jobs/job-{:08}",

@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiConfig, ApiState};
-use crate::cluster::{Cluster, ClusterConfig, ClusterError, Leases, MemberState};
+use crate::cluster::{Cluster, ClusterConfig, ClusterError, Leases, MemberState, NODE_STALE_MS};
 use crate::config::{Config, redact_url};
 use crate::scheduler::SchedulerConfig;
 use crate::scheduler::ownership::Ownership;
-use crate::store::{Dialect, Store, StoreError};
+use crate::store::{Claim, Dialect, Store, StoreError};
 use crate::{delivery, scheduler};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,11 +39,33 @@ pub enum NodeError {
          it, or give this one its own --database-url"
     )]
     DatabaseInUse { path: String },
+    #[error(
+        "node id {node_id:?} is in use by a running node at {http_addr} (seen {seen_ms_ago} ms \
+         ago); give this node another --node-id, or stop the other one"
+    )]
+    NodeIdInUse {
+        node_id: String,
+        http_addr: String,
+        seen_ms_ago: i64,
+    },
     #[error("cannot lock {path}: {source}")]
     DatabaseLock {
         path: String,
         source: std::io::Error,
     },
+}
+
+impl NodeError {
+    /// Fills in the (redacted) database URL of a database error raised without it.
+    fn or_database(self, url: &str) -> NodeError {
+        match self {
+            NodeError::Database { source, .. } => NodeError::Database {
+                url: redact_url(url),
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 /// Runs a node on `listener` until `shutdown` resolves.
@@ -66,6 +88,21 @@ pub async fn serve(
     store.migrate().await.map_err(db_err)?;
     store.ensure_lease_rows().await.map_err(db_err)?;
     warn_on_clock_skew(&store).await;
+    let local_addr = listener.local_addr().map_err(NodeError::Http)?;
+    let advertise_ip = advertise_ip(&config, local_addr);
+    let http_advertise = SocketAddr::new(advertise_ip, local_addr.port());
+    // Two processes under one id would both believe they hold its leases.
+    let instance = if store.dialect() == Dialect::MySql {
+        let addr = http_advertise.to_string();
+        let claim = claim_node_id(&store, &config.node_id, &addr);
+        Some(
+            claim
+                .await
+                .map_err(|e| e.or_database(&config.database_url))?,
+        )
+    } else {
+        None // the database file's lock already makes the node unique
+    };
 
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -102,9 +139,6 @@ pub async fn serve(
         &tasks,
     );
 
-    let local_addr = listener.local_addr().map_err(NodeError::Http)?;
-    let advertise_ip = advertise_ip(&config, local_addr);
-    let http_advertise = SocketAddr::new(advertise_ip, local_addr.port());
     let cluster = if store.dialect() == Dialect::Sqlite {
         // An embedded database cannot be shared: this node is the whole cluster.
         Cluster::solo(&config.node_id, http_advertise)
@@ -162,6 +196,16 @@ pub async fn serve(
         });
     }
 
+    if let Some(instance) = &instance {
+        tasks.spawn(heartbeat(
+            store.clone(),
+            config.node_id.clone(),
+            instance.clone(),
+            stop_requested.clone(),
+            cancel.child_token(),
+        ));
+    }
+
     // Joining the ring as `ready` makes peers hand over this node's share; the ownership
     // worker takes the leases as they are released (or expire) and loads their jobs.
     cluster.set_state(MemberState::Ready).await;
@@ -210,6 +254,11 @@ pub async fn serve(
     let _ = ownership.await;
     if let Some(renewal) = renewal {
         let _ = renewal.await;
+    }
+    if let Some(instance) = &instance
+        && let Err(e) = store.leave_node(&config.node_id, instance).await
+    {
+        tracing::warn!(error = %e, "cannot mark this node as left; peers will show it as dead until it is forgotten");
     }
     http_stop.cancel();
     // `serve` bounds its own drain; this only guards against a bug there.
@@ -276,6 +325,93 @@ fn lock_database_file(db: &str) -> Result<std::fs::File, NodeError> {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::DatabaseInUse { path: db.into() }),
         Err(std::fs::TryLockError::Error(source)) => Err(NodeError::DatabaseLock { path, source }),
+    }
+}
+
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// Claims `node_id` in the registry for this process. A claim still fresh may be a process
+/// that has just died (a crash restart): if nothing listens at its address any more, it is
+/// taken at once; otherwise it is waited out, and refused if its holder keeps renewing it.
+async fn claim_node_id(store: &Store, node_id: &str, http_addr: &str) -> Result<String, NodeError> {
+    let instance = format!("{:016x}", rand::random::<u64>());
+    let deadline = Instant::now() + Duration::from_millis(NODE_STALE_MS as u64 + 1000);
+    let mut stale_ms = NODE_STALE_MS;
+    let mut told = false;
+    loop {
+        let claim = store
+            .claim_node_id(node_id, &instance, http_addr, stale_ms)
+            .await
+            .map_err(|e| NodeError::Database {
+                url: String::new(),
+                source: e,
+            })?;
+        let (holder, seen_ms_ago) = match claim {
+            Claim::Claimed => return Ok(instance),
+            Claim::InUse {
+                http_addr,
+                seen_ms_ago,
+            } => (http_addr, seen_ms_ago),
+        };
+        if Instant::now() >= deadline {
+            return Err(NodeError::NodeIdInUse {
+                node_id: node_id.to_string(),
+                http_addr: holder,
+                seen_ms_ago,
+            });
+        }
+        if stale_ms > 0 && nothing_listens_at(&holder).await {
+            tracing::info!(node_id, previous = %holder, "taking over the node id of a process that has stopped");
+            stale_ms = 0;
+            continue;
+        }
+        if !told {
+            told = true;
+            tracing::warn!(node_id, holder = %holder, seen_ms_ago, "node id is held by another process; waiting up to {NODE_STALE_MS} ms in case it has just died");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A refused connection says no process listens at `addr` (a timeout says nothing).
+async fn nothing_listens_at(addr: &str) -> bool {
+    let connect = tokio::net::TcpStream::connect(addr);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), connect).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// Keeps this process's claim on its node id fresh. If another process has taken the id
+/// (this one was silent for longer than [`NODE_STALE_MS`], e.g. cut off from the database),
+/// this one stops: two nodes under one id would fight over its leases.
+async fn heartbeat(
+    store: Store,
+    node_id: String,
+    instance: String,
+    stop: CancellationToken,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.heartbeat_node(&node_id, &instance).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!(
+                    node_id,
+                    "another process has taken this node id; stopping this node"
+                );
+                stop.cancel();
+                return;
+            }
+            // The lease renewal reports database trouble; the claim just waits for it.
+            Err(_) => {}
+        }
     }
 }
 

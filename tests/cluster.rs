@@ -449,3 +449,114 @@ async fn a_node_cut_off_from_gossip_but_not_the_database_does_not_double_fire() 
     let until = now_ms() - 3_000;
     check_exactly_once(&rx, &anchors, until);
 }
+
+/// Two processes under one node id would both believe they hold its leases: the second is
+/// refused at start-up, naming the id and the running node, and the first keeps its slots.
+/// A crash restart under the same id is not refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_with_a_node_id_in_use_is_refused() {
+    let db = fresh_mysql().await;
+    let mut n1 = start_node(&db, "n1", None, &[]).await;
+    wait_converged(&[&n1], 1).await;
+
+    let started = std::time::Instant::now();
+    let mut dup = std::process::Command::new(env!("CARGO_BIN_EXE_chime"))
+        .env_remove("CHIME_API_TOKEN")
+        .args([
+            "serve",
+            "--node-id",
+            "n1",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--gossip-addr",
+            &format!("127.0.0.1:{}", free_udp_port()),
+            "--database-url",
+            db.url(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(Duration::from_secs(20), async || {
+        dup.try_wait().unwrap().is_some()
+    })
+    .await;
+    if !exited {
+        let _ = dup.kill();
+    }
+    let out = dup.wait_with_output().unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(exited, "the duplicate was still running after 20 s: {err}");
+    assert!(!out.status.success(), "the duplicate started: {err}");
+    assert!(
+        err.contains("node id \"n1\" is in use") && err.contains(&n1.addr),
+        "the error names the id and the running node: {err}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "refused within the wait: {took:?}"
+    );
+    let c = n1.get("/v1/cluster").await;
+    assert_eq!(c.json["members"][0]["leased_slots"], 4096, "{c}");
+
+    // After a crash, the same id starts again without waiting for the old claim to age.
+    n1.kill9();
+    let started = std::time::Instant::now();
+    let n1 = start_node(&db, "n1", None, &[]).await;
+    wait_converged(&[&n1], 1).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "restart took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Gossip forgets a crashed node within seconds; `GET /v1/cluster` keeps showing it, as
+/// `dead` with when it was last seen, and a node that left gracefully is not shown.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_node_is_listed_as_dead_with_when_it_was_last_seen() {
+    let db = fresh_mysql().await;
+    let n1 = start_node(&db, "n1", None, &[]).await;
+    let mut n2 = start_node(&db, "n2", Some(&n1), &[]).await;
+    let mut n3 = start_node(&db, "n3", Some(&n1), &[]).await;
+    wait_converged(&[&n1, &n2, &n3], 3).await;
+
+    n2.kill9();
+    let killed_at = now_ms();
+    let (_, _) = n3.sigterm().await;
+    let dead = wait_for(Duration::from_secs(30), async || {
+        let c = n1.get("/v1/cluster").await;
+        let dead = c.json["dead_members"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        dead.into_iter()
+            .find(|m| m["node_id"] == "n2" && m["state"] == "dead")
+    })
+    .await
+    .expect("n2 is listed as dead");
+    let seen = parse_ms(dead["last_seen_at"].as_str().expect("last_seen_at"));
+    assert!(
+        (killed_at - 3000..=killed_at + 500).contains(&seen),
+        "last seen {seen} vs killed at {killed_at}: {dead}"
+    );
+    assert_eq!(dead["ring_slots"], 0, "{dead}");
+    let c = n1.get("/v1/cluster").await;
+    let members = c.json["members"].as_array().cloned().unwrap_or_default();
+    let dead = c.json["dead_members"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        members.iter().chain(&dead).all(|m| m["node_id"] != "n3"),
+        "a node that left is not listed: {c}"
+    );
+    assert_eq!(members.len(), 1, "members are the live ones: {c}");
+    assert!(
+        members.iter().any(|m| m["node_id"] == "n1"
+            && m["state"] == "ready"
+            && m.get("last_seen_at").is_none()),
+        "{c}"
+    );
+}

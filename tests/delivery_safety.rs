@@ -11,6 +11,7 @@ use common::*;
 common::backend_tests! {
     a_deleted_job_sends_nothing_after_the_answer,
     an_attempt_whose_stored_number_is_lost_is_still_delivered,
+    a_fire_already_made_is_delivered_as_it_was_despite_replace_or_pause,
 }
 
 /// Jobs fire every second at a target that fails until its circuit opens; their first
@@ -113,4 +114,57 @@ async fn an_attempt_whose_stored_number_is_lost_is_still_delivered(backend: Back
         calls[1].attempt() > 2,
         "the lost attempt number is not reused: {calls:?}"
     );
+}
+
+/// The documented choice: a replace or a pause changes what fires from now on, not fires
+/// already made. A delivery retrying when the job is replaced or paused goes on, with the
+/// payload and target it was fired with. (Only a delete cancels it.)
+async fn a_fire_already_made_is_delivered_as_it_was_despite_replace_or_pause(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let node = Chime::start(&db, "n1", &[]).await;
+    let at = rfc3339_ms(now_ms() + 1500);
+    let mut receivers = Vec::new();
+    for id in ["replaced", "paused"] {
+        let rx = Receiver::start(Script::first(&[503, 503], 200)).await;
+        let mut job = http_job(&format!("@at {at}"), &rx.url());
+        job["payload"] = serde_json::json!({"v": 1});
+        job["retry"] = serde_json::json!({"initial_backoff_ms": 700, "max_backoff_ms": 700});
+        let r = node.put(&format!("/v1/jobs/{id}"), &job).await;
+        assert_eq!(r.status, 201, "{r}");
+        receivers.push(rx);
+    }
+    // The first attempts have failed: the deliveries are retrying.
+    let failing = wait_until(Duration::from_secs(10), async || {
+        receivers.iter().all(|rx| rx.count() >= 1)
+    })
+    .await;
+    assert!(failing, "the first attempts never came");
+    let other = Receiver::start(Script::always(200)).await;
+    let mut replacement = http_job("@at 2099-01-01T00:00:00Z", &other.url());
+    replacement["payload"] = serde_json::json!({"v": 2});
+    let r = node.put("/v1/jobs/replaced", &replacement).await;
+    assert_eq!(r.status, 200, "{r}");
+    let r = node.post("/v1/jobs/paused/pause", None).await;
+    assert_eq!(r.status, 200, "{r}");
+
+    for (id, rx) in ["replaced", "paused"].into_iter().zip(&receivers) {
+        let done = wait_for(Duration::from_secs(20), async || {
+            node.executions(id)
+                .await
+                .into_iter()
+                .find(|e| e["status"] == "succeeded")
+        })
+        .await
+        .unwrap_or_else(|| panic!("{id}: the retrying delivery was not completed"));
+        assert_eq!(done["attempts"], 3, "{id}: {done}");
+        let calls = rx.requests();
+        assert_eq!(calls.len(), 3, "{id}: {calls:?}");
+        assert!(
+            calls
+                .iter()
+                .all(|c| c.body["payload"] == serde_json::json!({"v": 1})),
+            "{id}: every attempt carries the payload it was fired with: {calls:?}"
+        );
+    }
+    assert_eq!(other.count(), 0, "the replacement's target got nothing");
 }

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::{ApiError, ApiState};
 use crate::clock::{fmt_ms, now_ms};
+use crate::cluster::{FORGET_DEAD_AFTER_MS, NODE_STALE_MS};
 use crate::job::{FieldError, SLOTS};
 use crate::schedule::{Schedule, parse_timezone};
 
@@ -25,6 +26,10 @@ struct MemberView {
     leased_slots: u32,
     /// Jobs in the slots the ring assigns to this member.
     jobs: u64,
+    /// For a member gossip no longer shows (`dead`, or `unreachable` while it still
+    /// heartbeats in the database): when it was last seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_seen_at: Option<String>,
 }
 
 pub async fn cluster(State(state): State<ApiState>) -> Result<Response, ApiError> {
@@ -53,11 +58,34 @@ pub async fn cluster(State(state): State<ApiState>) -> Result<Response, ApiError
             ring_slots: shares.get(&m.node_id).copied().unwrap_or(0),
             leased_slots: leased.get(&m.node_id).copied().unwrap_or(0),
             jobs: jobs_by_owner.get(m.node_id.as_str()).copied().unwrap_or(0),
+            last_seen_at: None,
         })
         .collect();
+    // Gossip forgets a dead node within seconds; the registry remembers it. Listed apart:
+    // `members` is the live view the contract describes.
+    let mut absent = Vec::new();
+    for row in state.store.nodes(FORGET_DEAD_AFTER_MS).await? {
+        if row.left || members.iter().any(|m| m.node_id == row.node_id) {
+            continue;
+        }
+        absent.push(MemberView {
+            state: if row.seen_ms_ago > NODE_STALE_MS {
+                "dead"
+            } else {
+                "unreachable"
+            },
+            ring_slots: 0,
+            leased_slots: leased.get(&row.node_id).copied().unwrap_or(0),
+            jobs: 0,
+            last_seen_at: Some(fmt_ms(row.heartbeat_at)),
+            node_id: row.node_id,
+            http_addr: row.http_addr,
+        });
+    }
     Ok(Json(json!({
         "node_id": state.node_id,
         "members": views,
+        "dead_members": absent,
         "ring": {"slots": SLOTS, "nodes": ring.members().len(), "jobs": total_jobs},
     }))
     .into_response())

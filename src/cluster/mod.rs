@@ -41,6 +41,13 @@ const PHI_THRESHOLD: f64 = 8.0;
 /// default) lets them pile up in every digest.
 const DEAD_NODE_GRACE: Duration = Duration::from_secs(15 * 60);
 
+/// A node id whose holder has not heartbeated in the database for this long is dead: free
+/// for another process to take, and shown as `dead` (a restart after a crash waits at most
+/// this long for its own old claim).
+pub const NODE_STALE_MS: i64 = 5_000;
+/// A dead node is listed in `GET /v1/cluster` until it has been silent this long.
+pub const FORGET_DEAD_AFTER_MS: i64 = DEAD_NODE_GRACE.as_millis() as i64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemberState {
     Joining,

@@ -10,6 +10,7 @@
 mod executions;
 mod jobs;
 mod leases;
+mod nodes;
 
 use std::future::Future;
 
@@ -25,6 +26,7 @@ pub use executions::{
 };
 pub use jobs::{JobRecord, PutOutcome};
 pub use leases::{Fence, NEVER_EXPIRES};
+pub use nodes::{Claim, NodeRow};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {

@@ -323,7 +323,7 @@ pub struct Chime {
 }
 
 /// A free loopback UDP port for `--gossip-addr`, so parallel nodes never share one.
-fn free_udp_port() -> u16 {
+pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .expect("bind a udp port")
