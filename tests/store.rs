@@ -203,6 +203,7 @@ fn job(id: &str, now: i64) -> JobRecord {
         next_fire_at: Some(now + 1000),
         created_at: now,
         updated_at: now,
+        version: 1,
     }
 }
 

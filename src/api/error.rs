@@ -23,6 +23,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// `If-Match` / `If-None-Match` did not hold; nothing was written.
+    #[error("{0}")]
+    PreconditionFailed(String),
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
     #[error("{0}")]
@@ -59,6 +62,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -76,6 +80,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::PreconditionFailed(_) => "precondition_failed",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -94,6 +99,15 @@ impl From<StoreError> for ApiError {
                 ApiError::unavailable("the database is unavailable; retry shortly")
             }
             StoreError::Conflict => ApiError::Conflict("already exists".into()),
+            StoreError::PreconditionFailed { current } => {
+                ApiError::PreconditionFailed(match current {
+                    Some(v) => format!(
+                        "the job is at version \"{v}\", which the request's If-Match or \
+                         If-None-Match rules out; GET it again, and retry with its ETag"
+                    ),
+                    None => "the job does not exist, and If-Match requires it".into(),
+                })
+            }
             StoreError::Fenced(slot) => ApiError::unavailable(format!(
                 "slot {slot} is moving between nodes; retry shortly"
             )),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -22,7 +22,7 @@ use crate::clock::{fmt_ms, now_ms};
 use crate::job::{self, Callback, Job, JobInput, RetryPolicy, StoredSpec, ValidJob};
 use crate::scheduler::Held;
 use crate::store::{
-    ExecKey, ExecStatus, ExecutionRecord, JobRecord, PutOutcome, Redrive, StoreError,
+    ExecKey, ExecStatus, ExecutionRecord, JobRecord, Precondition, PutOutcome, Redrive, StoreError,
 };
 
 const DEFAULT_PAGE: u32 = 100;
@@ -42,6 +42,8 @@ pub struct JobView {
     last_fire_at: Option<String>,
     created_at: String,
     updated_at: String,
+    /// Bumped by every write of the job; also its `ETag`.
+    version: i64,
 }
 
 impl JobView {
@@ -62,7 +64,52 @@ impl JobView {
             last_fire_at: rec.last_fire_at.map(fmt_ms),
             created_at: fmt_ms(rec.created_at),
             updated_at: fmt_ms(rec.updated_at),
+            version: rec.version,
         })
+    }
+
+    /// The job as a response, with its version as a strong `ETag`.
+    fn respond(self, status: StatusCode) -> Response {
+        let etag = HeaderValue::from_str(&format!("\"{}\"", self.version))
+            .expect("digits and quotes are a valid header value");
+        let mut resp = (status, Json(self)).into_response();
+        resp.headers_mut().insert(header::ETAG, etag);
+        resp
+    }
+}
+
+/// The precondition of a write, from `If-Match` (`*` or one ETag) and `If-None-Match: *`.
+fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
+    let text = |name: header::HeaderName| match headers.get(&name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|v| Some(v.trim()))
+            .map_err(|_| ApiError::BadRequest(format!("{name} is not ASCII"))),
+    };
+    if let Some(v) = text(header::IF_NONE_MATCH)? {
+        if v != "*" {
+            return Err(ApiError::BadRequest(
+                "If-None-Match on a write takes only * (create, never replace)".into(),
+            ));
+        }
+        return Ok(Precondition::Absent);
+    }
+    match text(header::IF_MATCH)? {
+        None => Ok(Precondition::Any),
+        Some("*") => Ok(Precondition::Exists),
+        Some(tag) => tag
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .and_then(|t| t.parse::<i64>().ok())
+            .map(Precondition::Version)
+            .ok_or_else(|| {
+                let shown: String = tag.chars().take(64).collect();
+                ApiError::BadRequest(format!(
+                    "If-Match {shown:?} is not one of this API's ETags (a quoted version such \
+                     as \"3\", from a GET of the job) or *"
+                ))
+            }),
     }
 }
 
@@ -130,6 +177,7 @@ fn record_of(v: &ValidJob, now: i64) -> Result<(JobRecord, Arc<Job>), ApiError> 
         next_fire_at: job.first_due(now),
         created_at: now,
         updated_at: now,
+        version: 1,
     };
     Ok((rec, job))
 }
@@ -137,21 +185,117 @@ fn record_of(v: &ValidJob, now: i64) -> Result<(JobRecord, Arc<Job>), ApiError> 
 pub async fn put(
     State(state): State<ApiState>,
     PathParams(id): PathParams<String>,
+    headers: HeaderMap,
     JsonBody(input): JsonBody<JobInput>,
 ) -> Result<Response, ApiError> {
     check_path_id(&id)?;
+    let expect = precondition(&headers)?;
     let valid = input.validate(Some(&id), job::generate_id, now_ms(), &state.rules)?;
     state.require_lease(&id)?;
+    write(state, id, Change::Replace(valid), expect).await
+}
+
+/// `PATCH` with a JSON merge patch (RFC 7396) over the job's definition (the fields a PUT
+/// takes). The current definition is read under the slot's write lock, so concurrent
+/// patches of different fields all land; with `If-Match`, a stale version is a 412.
+pub async fn patch(
+    State(state): State<ApiState>,
+    PathParams(id): PathParams<String>,
+    headers: HeaderMap,
+    JsonBody(patch): JsonBody<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    check_path_id(&id)?;
+    let expect = precondition(&headers)?;
+    if expect == Precondition::Absent {
+        return Err(ApiError::BadRequest(
+            "If-None-Match: * cannot hold for PATCH, which needs an existing job".into(),
+        ));
+    }
+    state.require_lease(&id)?;
+    write(state, id, Change::Patch(patch), expect).await
+}
+
+/// What a write makes of the job.
+enum Change {
+    Replace(ValidJob),
+    /// A merge patch over the stored definition.
+    Patch(serde_json::Value),
+}
+
+/// The job's definition as a PUT body: what a merge patch applies to. Includes the secret,
+/// which no response shows.
+fn definition_of(rec: &JobRecord) -> Result<serde_json::Value, ApiError> {
+    let mut doc: serde_json::Value = serde_json::from_str(&rec.spec)
+        .map_err(|e| ApiError::Internal(format!("job {} has an unreadable spec: {e}", rec.id)))?;
+    if let Some(map) = doc.as_object_mut() {
+        map.insert("paused".into(), serde_json::Value::Bool(rec.paused));
+    }
+    Ok(doc)
+}
+
+/// RFC 7396: objects merge member by member, `null` removes, anything else replaces.
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    let serde_json::Value::Object(changes) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = serde_json::Value::Object(Default::default());
+    }
+    let map = target.as_object_mut().expect("made an object above");
+    for (key, value) in changes {
+        if value.is_null() {
+            map.remove(key);
+        } else {
+            merge_patch(
+                map.entry(key.clone()).or_insert(serde_json::Value::Null),
+                value,
+            );
+        }
+    }
+}
+
+/// Replaces (or creates) the job if the stored one meets `expect`.
+async fn write(
+    state: ApiState,
+    id: String,
+    change: Change,
+    expect: Precondition,
+) -> Result<Response, ApiError> {
     to_completion(async move {
         let guard = state.lock(&id).await;
         let fence = state.fence(&id)?;
+        // Under the lock nothing else writes the job (and no other node can: the fence).
+        let (valid, expect) = match change {
+            Change::Replace(valid) => (valid, expect),
+            Change::Patch(patch) => {
+                let Some(current) = state.store.get_job(&id).await? else {
+                    return Err(match expect {
+                        Precondition::Any => not_found(&id),
+                        _ => StoreError::PreconditionFailed { current: None }.into(),
+                    });
+                };
+                let mut doc = definition_of(&current)?;
+                merge_patch(&mut doc, &patch);
+                let bytes = serde_json::to_vec(&doc).map_err(|e| {
+                    ApiError::Internal(format!("cannot encode the patched job: {e}"))
+                })?;
+                let input: JobInput = super::extract::parse_json(&bytes)?;
+                let valid = input.validate(Some(&id), job::generate_id, now_ms(), &state.rules)?;
+                let expect = match expect {
+                    Precondition::Version(v) => Precondition::Version(v),
+                    _ => Precondition::Version(current.version),
+                };
+                (valid, expect)
+            }
+        };
         let held = state.scheduler.hold(&id).await?;
         // After `hold` no fire of the old definition is sent: the new one starts from here.
         let now = now_ms();
         let (rec, job) = record_of(&valid, now)?;
         let outcome = match state
             .store
-            .put_job(&rec, &fence, &held.cancelled_times())
+            .put_job_if(&rec, &fence, &held.cancelled_times(), expect)
             .await
         {
             Ok(o) => o,
@@ -171,7 +315,7 @@ pub async fn put(
             PutOutcome::Created => StatusCode::CREATED,
             PutOutcome::Replaced => StatusCode::OK,
         };
-        Ok((status, Json(JobView::new(stored, &state.node_id)?)).into_response())
+        Ok(JobView::new(stored, &state.node_id)?.respond(status))
     })
     .await
 }
@@ -205,11 +349,7 @@ pub async fn create(
             Err(e) => return Err(e.into()),
         }
         state.scheduler.arm(job, rec.next_fire_at);
-        Ok((
-            StatusCode::CREATED,
-            Json(JobView::new(rec, &state.node_id)?),
-        )
-            .into_response())
+        Ok(JobView::new(rec, &state.node_id)?.respond(StatusCode::CREATED))
     })
     .await
 }
@@ -269,7 +409,7 @@ fn undo(
 pub async fn get(
     State(state): State<ApiState>,
     PathParams(id): PathParams<String>,
-) -> Result<Json<JobView>, ApiError> {
+) -> Result<Response, ApiError> {
     check_path_id(&id)?;
     let rec = state
         .store
@@ -286,7 +426,7 @@ pub async fn get(
             .unwrap_or(&state.node_id)
             .to_string(),
     };
-    Ok(Json(JobView::new(rec, &owner)?))
+    Ok(JobView::new(rec, &owner)?.respond(StatusCode::OK))
 }
 
 /// An id for a job created without one, in a slot this node holds, so the request needs no
@@ -358,14 +498,16 @@ pub async fn list(
 pub async fn delete(
     State(state): State<ApiState>,
     PathParams(id): PathParams<String>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     check_path_id(&id)?;
+    let expect = precondition(&headers)?;
     state.require_lease(&id)?;
     to_completion(async move {
         let guard = state.lock(&id).await;
         let fence = state.fence(&id)?;
         let held = state.scheduler.hold(&id).await?;
-        match state.store.delete_job(&id, &fence).await {
+        match state.store.delete_job_if(&id, &fence, expect).await {
             Ok(true) => {
                 // Its rows are gone; deliveries already queued in memory go with them.
                 state.delivery.cancel_job(&id);
@@ -434,25 +576,25 @@ fn stored_job(rec: &JobRecord) -> Result<Arc<Job>, ApiError> {
 pub async fn pause(
     State(state): State<ApiState>,
     PathParams(id): PathParams<String>,
-) -> Result<Json<JobView>, ApiError> {
+) -> Result<Response, ApiError> {
     set_paused(state, id, true).await
 }
 
 pub async fn resume(
     State(state): State<ApiState>,
     PathParams(id): PathParams<String>,
-) -> Result<Json<JobView>, ApiError> {
+) -> Result<Response, ApiError> {
     set_paused(state, id, false).await
 }
 
-async fn set_paused(state: ApiState, id: String, paused: bool) -> Result<Json<JobView>, ApiError> {
+async fn set_paused(state: ApiState, id: String, paused: bool) -> Result<Response, ApiError> {
     check_path_id(&id)?;
     state.require_lease(&id)?;
     to_completion(async move {
         let (guard, rec) = lock_existing(&state, &id).await?;
         if rec.paused == paused {
             // Already so: resuming a running job must not restart its `@every` period.
-            return Ok(Json(JobView::new(rec, &state.node_id)?));
+            return Ok(JobView::new(rec, &state.node_id)?.respond(StatusCode::OK));
         }
         let fence = state.fence(&id)?;
         let held = state.scheduler.hold(&id).await?;
@@ -477,7 +619,7 @@ async fn set_paused(state: ApiState, id: String, paused: bool) -> Result<Json<Jo
             }
         };
         state.scheduler.arm(job, due);
-        Ok(Json(JobView::new(updated, &state.node_id)?))
+        Ok(JobView::new(updated, &state.node_id)?.respond(StatusCode::OK))
     })
     .await
 }

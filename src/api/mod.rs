@@ -131,7 +131,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs", post(jobs::create).get(jobs::list))
         .route(
             "/jobs/{id}",
-            put(jobs::put).get(jobs::get).delete(jobs::delete),
+            put(jobs::put)
+                .get(jobs::get)
+                .patch(jobs::patch)
+                .delete(jobs::delete),
         )
         .route("/jobs/{id}/trigger", post(jobs::trigger))
         .route("/jobs/{id}/pause", post(jobs::pause))

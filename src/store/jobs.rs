@@ -20,6 +20,38 @@ pub struct JobRecord {
     pub next_fire_at: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Bumped by every write of the job (not by fires): its ETag.
+    pub version: i64,
+}
+
+/// What a write requires of the stored job (`If-Match` / `If-None-Match`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// No requirement.
+    Any,
+    /// The job exists (`If-Match: *`).
+    Exists,
+    /// The job does not exist (`If-None-Match: *`).
+    Absent,
+    /// The job exists at this version.
+    Version(i64),
+}
+
+impl Precondition {
+    /// Checks the stored version (None: no such job).
+    fn check(self, stored: Option<i64>) -> Result<(), StoreError> {
+        let ok = match self {
+            Precondition::Any => true,
+            Precondition::Exists => stored.is_some(),
+            Precondition::Absent => stored.is_none(),
+            Precondition::Version(v) => stored == Some(v),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(StoreError::PreconditionFailed { current: stored })
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,8 +60,8 @@ pub enum PutOutcome {
     Replaced,
 }
 
-const COLUMNS: &str =
-    "id, slot, spec, paused, active_since, last_fire_at, next_fire_at, created_at, updated_at";
+const COLUMNS: &str = "id, slot, spec, paused, active_since, last_fire_at, next_fire_at, \
+                       created_at, updated_at, version";
 
 fn from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
     let slot: i64 = row.try_get("slot")?;
@@ -43,6 +75,7 @@ fn from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
         next_fire_at: row.try_get("next_fire_at")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        version: row.try_get("version")?,
     })
 }
 
@@ -83,20 +116,30 @@ impl Store {
         fence: &Fence,
         cancelled: &[i64],
     ) -> Result<PutOutcome, StoreError> {
+        self.put_job_if(job, fence, cancelled, Precondition::Any)
+            .await
+    }
+
+    /// [`Store::put_job`], only if the stored job meets `expect`
+    /// ([`StoreError::PreconditionFailed`] otherwise, and nothing is written).
+    pub async fn put_job_if(
+        &self,
+        job: &JobRecord,
+        fence: &Fence,
+        cancelled: &[i64],
+        expect: Precondition,
+    ) -> Result<PutOutcome, StoreError> {
         self.timed(OP_TIMEOUT, async move {
             let _turn = self.write_turn().await;
             let mut tx = self.fenced_tx(fence).await?;
             // Every write of this job holds the lease row's lock first, so nothing can
-            // create or delete the row between this read and the write below.
-            let exists = sqlx::query("SELECT 1 FROM jobs WHERE id = ?")
-                .bind(&job.id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .is_some();
-            let outcome = if exists {
+            // create, change or delete the row between this read and the write below.
+            let stored = stored_version(&mut tx, &job.id).await?;
+            expect.check(stored)?;
+            let outcome = if stored.is_some() {
                 sqlx::query(
                     "UPDATE jobs SET spec = ?, paused = ?, active_since = ?, next_fire_at = ?, \
-                     updated_at = ? WHERE id = ?",
+                     updated_at = ?, version = version + 1 WHERE id = ?",
                 )
                 .bind(&job.spec)
                 .bind(i64::from(job.paused))
@@ -149,9 +192,22 @@ impl Store {
 
     /// Deletes the job and its executions (its pending deliveries with it). False if absent.
     pub async fn delete_job(&self, id: &str, fence: &Fence) -> Result<bool, StoreError> {
+        self.delete_job_if(id, fence, Precondition::Any).await
+    }
+
+    /// [`Store::delete_job`], only if the stored job meets `expect`.
+    pub async fn delete_job_if(
+        &self,
+        id: &str,
+        fence: &Fence,
+        expect: Precondition,
+    ) -> Result<bool, StoreError> {
         self.timed(OP_TIMEOUT, async move {
             let _turn = self.write_turn().await;
             let mut tx = self.fenced_tx(fence).await?;
+            if expect != Precondition::Any {
+                expect.check(stored_version(&mut tx, id).await?)?;
+            }
             sqlx::query("DELETE FROM executions WHERE job_id = ?")
                 .bind(id)
                 .execute(&mut *tx)
@@ -184,7 +240,8 @@ impl Store {
             let mut tx = self.fenced_tx(fence).await?;
             let result = if paused {
                 sqlx::query(
-                    "UPDATE jobs SET paused = 1, next_fire_at = NULL, updated_at = ? WHERE id = ?",
+                    "UPDATE jobs SET paused = 1, next_fire_at = NULL, updated_at = ?, \
+                     version = version + 1 WHERE id = ?",
                 )
                 .bind(now)
                 .bind(id)
@@ -192,8 +249,8 @@ impl Store {
                 .await?
             } else {
                 sqlx::query(
-                    "UPDATE jobs SET paused = 0, active_since = ?, next_fire_at = ?, updated_at = ? \
-                     WHERE id = ?",
+                    "UPDATE jobs SET paused = 0, active_since = ?, next_fire_at = ?, updated_at = ?, \
+                     version = version + 1 WHERE id = ?",
                 )
                 .bind(now)
                 .bind(next_fire_at)
@@ -294,4 +351,12 @@ async fn delete_unsent(
         q.execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// The stored job's version, None if there is no such job.
+async fn stored_version(tx: &mut sqlx::AnyConnection, id: &str) -> Result<Option<i64>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT version FROM jobs WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?)
 }

@@ -24,7 +24,7 @@ pub use executions::{
     BatchOutcome, Begin, ExecKey, ExecStatus, ExecutionRecord, NewFire, Outcome, PendingDelivery,
     Progress, Redrive,
 };
-pub use jobs::{JobRecord, PutOutcome};
+pub use jobs::{JobRecord, Precondition, PutOutcome};
 pub use leases::{Fence, NEVER_EXPIRES};
 pub use nodes::{Claim, NodeRow};
 
@@ -57,6 +57,10 @@ pub enum StoreError {
     /// moving to another node, and the write was not made.
     #[error("this node no longer holds slot {0}'s lease")]
     Fenced(u32),
+    /// The stored job is not the one a conditional write asked for (`current`: its version,
+    /// None if there is none); nothing was written.
+    #[error("the job does not match the precondition")]
+    PreconditionFailed { current: Option<i64> },
     /// Some fires of a batch were recorded already (by whoever recorded them first, who
     /// dispatches them); the batch was not written and must be retried without them.
     #[error("{} fires of the batch were recorded already", .0.len())]
