@@ -27,6 +27,10 @@ pub const MAX_ATTEMPTS: u32 = 100;
 pub const DEFAULT_INITIAL_BACKOFF_MS: u64 = 1_000;
 pub const DEFAULT_MAX_BACKOFF_MS: u64 = 60_000;
 pub const MAX_BACKOFF_MS: u64 = 24 * 3_600_000;
+/// A delivery not made within this long of its scheduled time is given up as `expired`
+/// (EventBridge Scheduler's default maximum event age).
+pub const DEFAULT_MAX_AGE_MS: u64 = 24 * 3_600_000;
+pub const MAX_MAX_AGE_MS: u64 = 7 * 24 * 3_600_000;
 const MAX_HEADERS: usize = 64;
 const MAX_SECRET_LEN: usize = 256;
 
@@ -145,6 +149,7 @@ pub struct RetryInput {
     pub max_attempts: Option<i64>,
     pub initial_backoff_ms: Option<i64>,
     pub max_backoff_ms: Option<i64>,
+    pub max_age_ms: Option<i64>,
 }
 
 /// Where and how a fire is delivered. One `Arc<Target>` is shared by a job and all of its
@@ -264,6 +269,14 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
+    /// How long after its scheduled time a delivery may still be attempted. Absent from
+    /// definitions stored before it existed: those get the default.
+    #[serde(default = "default_max_age_ms")]
+    pub max_age_ms: u64,
+}
+
+fn default_max_age_ms() -> u64 {
+    DEFAULT_MAX_AGE_MS
 }
 
 impl Default for RetryPolicy {
@@ -272,6 +285,7 @@ impl Default for RetryPolicy {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             initial_backoff_ms: DEFAULT_INITIAL_BACKOFF_MS,
             max_backoff_ms: DEFAULT_MAX_BACKOFF_MS,
+            max_age_ms: DEFAULT_MAX_AGE_MS,
         }
     }
 }
@@ -587,10 +601,18 @@ fn validate_retry(input: Option<RetryInput>) -> Result<RetryPolicy, FieldError> 
             format!("must be at least initial_backoff_ms ({initial_backoff_ms})"),
         ));
     }
+    let max_age_ms = bounded(
+        "retry.max_age_ms",
+        input.max_age_ms,
+        DEFAULT_MAX_AGE_MS,
+        1000,
+        MAX_MAX_AGE_MS,
+    )?;
     Ok(RetryPolicy {
         max_attempts,
         initial_backoff_ms,
         max_backoff_ms,
+        max_age_ms,
     })
 }
 

@@ -48,6 +48,9 @@ impl Gauge {
     pub fn set(&self, v: i64) {
         self.value.store(v, Ordering::Relaxed);
     }
+    pub fn add(&self, d: i64) {
+        self.value.fetch_add(d, Ordering::Relaxed);
+    }
 }
 
 /// A counter with one label whose values are fixed at compile time.
@@ -140,14 +143,14 @@ pub static DELIVERIES_DEFERRED: Counter = Counter::new(
 );
 pub static OPEN_CIRCUITS: Gauge = Gauge::new(
     "chime_open_circuits",
-    "Targets whose circuit breaker is open or probing (checked every minute).",
+    "Targets whose circuit breaker is open or probing.",
 );
-pub static DELIVERIES: LabeledCounter<3> = LabeledCounter {
+pub static DELIVERIES: LabeledCounter<4> = LabeledCounter {
     name: "chime_delivery_attempts_total",
-    help: "Callback attempts by outcome.",
+    help: "Callback attempts by outcome (expired: given up unsent, past retry.max_age_ms).",
     label: "outcome",
-    values: ["succeeded", "retried", "failed"],
-    counts: [const { AtomicU64::new(0) }; 3],
+    values: ["succeeded", "retried", "failed", "expired"],
+    counts: [const { AtomicU64::new(0) }; 4],
 };
 pub static FIRE_LAG_SECONDS: Histogram = Histogram::new(
     "chime_fire_lag_seconds",

@@ -289,3 +289,26 @@ async fn a_failing_instance_is_avoided_on_retry_and_then_ejected() {
         "{failed}"
     );
 }
+
+/// A `consul://` service that never has an instance (a misspelt name) does not hold its
+/// deliveries pending forever: they expire at the job's `retry.max_age_ms`.
+#[tokio::test(flavor = "multi_thread")]
+async fn deliveries_to_a_service_without_instances_expire() {
+    let db = fresh_sqlite();
+    let consul = ConsulDouble::start().await;
+    let node = Chime::start(&db, "n1", &["--consul-addr", &consul.url()]).await;
+    let mut job = http_job("@every 1s", "consul://no-such-service/hook");
+    job["retry"] = serde_json::json!({"max_age_ms": 2000});
+    let r = node.put("/v1/jobs/misspelt", &job).await;
+    assert_eq!(r.status, 201, "{r}");
+    let expired = wait_for(Duration::from_secs(20), async || {
+        node.executions("misspelt").await.into_iter().find(|e| {
+            e["status"] == "failed"
+                && e["last_error"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("expired: "))
+        })
+    })
+    .await;
+    assert!(expired.is_some(), "{:?}", node.executions("misspelt").await);
+}

@@ -12,6 +12,8 @@ common::backend_tests! {
     a_deleted_job_sends_nothing_after_the_answer,
     an_attempt_whose_stored_number_is_lost_is_still_delivered,
     a_fire_already_made_is_delivered_as_it_was_despite_replace_or_pause,
+    a_delivery_older_than_its_max_age_expires_and_can_be_redriven,
+    each_attempt_is_kept_on_the_execution,
 }
 
 /// Jobs fire every second at a target that fails until its circuit opens; their first
@@ -34,6 +36,18 @@ async fn a_deleted_job_sends_nothing_after_the_answer(backend: Backend) {
     })
     .await;
     assert!(opened, "the circuit never opened");
+    // The log says why, and the gauge shows it at once (not at the next minute's sweep).
+    let line = node
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("circuit opened"))
+        .unwrap_or_default();
+    assert!(line.contains("HTTP 500"), "names the failure: {line}");
+    let gauge = node.get("/metrics").await.text;
+    assert!(
+        gauge.lines().any(|l| l == "chime_open_circuits 1"),
+        "chime_open_circuits is live: {gauge}"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let mut deleted_at = 0;
@@ -61,6 +75,15 @@ async fn a_deleted_job_sends_nothing_after_the_answer(backend: Backend) {
     .await;
     assert!(delivered, "the canary was never delivered");
     tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        node.logs().iter().any(|l| l.contains("circuit closed")),
+        "the log says when the circuit closed"
+    );
+    let gauge = node.get("/metrics").await.text;
+    assert!(
+        gauge.lines().any(|l| l == "chime_open_circuits 0"),
+        "chime_open_circuits is back to 0: {gauge}"
+    );
 
     let doomed: HashSet<&str> = ids.iter().map(String::as_str).collect();
     let late: Vec<Received> = rx
@@ -167,4 +190,155 @@ async fn a_fire_already_made_is_delivered_as_it_was_despite_replace_or_pause(bac
         );
     }
     assert_eq!(other.count(), 0, "the replacement's target got nothing");
+}
+
+/// A target down for good must not pile up pending deliveries that all go out (stale) when
+/// it recovers: past `retry.max_age_ms` a delivery ends `failed`, as expired, is listed
+/// with the dead letters, and can be re-driven by hand.
+async fn a_delivery_older_than_its_max_age_expires_and_can_be_redriven(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let rx = Receiver::start(Script::always(503)).await;
+    let node = Chime::start(&db, "n1", &[]).await;
+    let mut job = http_job("@every 1s", &rx.url());
+    job["retry"] = serde_json::json!({"max_age_ms": 500});
+    let r = node.put("/v1/jobs/bounded", &job).await;
+    let msg = r.assert_error(422);
+    assert!(msg.starts_with("retry.max_age_ms: "), "{r}");
+    job["retry"] =
+        serde_json::json!({"max_age_ms": 3000, "initial_backoff_ms": 200, "max_backoff_ms": 400});
+    let r = node.put("/v1/jobs/bounded", &job).await;
+    assert_eq!(r.status, 201, "{r}");
+    assert_eq!(r.json["retry"]["max_age_ms"], 3000, "{r}");
+
+    let expired = wait_for(Duration::from_secs(20), async || {
+        node.executions("bounded").await.into_iter().find(|e| {
+            e["status"] == "failed"
+                && e["last_error"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("expired: "))
+        })
+    })
+    .await
+    .expect("a delivery expires");
+    // Expiry keeps the backlog bounded: with one fire a second and a 3 s age limit, only
+    // the last few seconds' fires are still pending.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let pending = node
+        .executions("bounded")
+        .await
+        .into_iter()
+        .filter(|e| e["status"] == "pending")
+        .count();
+    assert!(pending <= 6, "{pending} deliveries still pending");
+    let r = node.get("/v1/executions?status=failed&limit=1000").await;
+    let listed = r.json["executions"].as_array().cloned().unwrap_or_default();
+    assert!(
+        listed.iter().any(|e| e["id"] == expired["id"]),
+        "expired deliveries are listed with the dead letters: {r}"
+    );
+
+    // Re-driven by hand, it is sent (and does not expire again) once the target is back.
+    let r = node
+        .put("/v1/jobs/bounded", &{
+            let mut paused = job.clone();
+            paused["paused"] = serde_json::json!(true);
+            paused
+        })
+        .await;
+    assert_eq!(r.status, 200, "{r}");
+    rx.set_script(Script::always(200));
+    let id = expired["id"].as_str().unwrap();
+    let r = node
+        .post(&format!("/v1/jobs/bounded/executions/{id}/retry"), None)
+        .await;
+    assert_eq!(r.status, 202, "{r}");
+    let delivered = wait_until(Duration::from_secs(15), async || {
+        node.executions("bounded")
+            .await
+            .iter()
+            .any(|e| e["id"] == id && e["status"] == "succeeded")
+    })
+    .await;
+    assert!(delivered, "the re-driven delivery was not sent");
+    let metrics = node.get("/metrics").await.text;
+    assert!(
+        metrics.contains("chime_delivery_attempts_total{outcome=\"expired\"}"),
+        "expiry is counted"
+    );
+}
+
+/// Why a delivery was retried stays visible after it succeeds: every attempt's time,
+/// outcome, status and error are on the execution, and a success keeps `last_error`.
+async fn each_attempt_is_kept_on_the_execution(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let flaky = Receiver::start(Script::first(&[503, 500], 200)).await;
+    let fine = Receiver::start(Script::always(200)).await;
+    let node = Chime::start(&db, "n1", &[]).await;
+    let at = rfc3339_ms(now_ms() + 1500);
+    let mut job = http_job(&format!("@at {at}"), &flaky.url());
+    job["retry"] = serde_json::json!({"initial_backoff_ms": 100, "max_backoff_ms": 200});
+    assert_eq!(node.put("/v1/jobs/flaky", &job).await.status, 201);
+    let job = http_job(&format!("@at {at}"), &fine.url());
+    assert_eq!(node.put("/v1/jobs/fine", &job).await.status, 201);
+
+    let done = wait_for(Duration::from_secs(20), async || {
+        node.executions("flaky")
+            .await
+            .into_iter()
+            .find(|e| e["status"] == "succeeded")
+    })
+    .await
+    .expect("the flaky delivery succeeds");
+    let history = done["attempt_history"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let summary: Vec<(u64, &str, u64)> = history
+        .iter()
+        .map(|h| {
+            (
+                h["attempt"].as_u64().unwrap_or(0),
+                h["outcome"].as_str().unwrap_or(""),
+                h["status"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (1, "retrying", 503),
+            (2, "retrying", 500),
+            (3, "succeeded", 200)
+        ],
+        "{done}"
+    );
+    assert!(
+        history[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("503")),
+        "{done}"
+    );
+    assert!(history.iter().all(|h| h["at"].as_str().is_some()), "{done}");
+    assert!(
+        done["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("500")),
+        "a success keeps the last error: {done}"
+    );
+
+    let first = wait_for(Duration::from_secs(20), async || {
+        node.executions("fine")
+            .await
+            .into_iter()
+            .find(|e| e["status"] == "succeeded")
+    })
+    .await
+    .expect("the fine delivery succeeds");
+    let history = first["attempt_history"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(history.len(), 1, "{first}");
+    assert_eq!(history[0]["outcome"], "succeeded", "{first}");
+    assert_eq!(history[0]["status"], 200, "{first}");
 }

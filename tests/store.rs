@@ -493,7 +493,14 @@ async fn attempts_and_outcomes_are_compare_and_set(Db { store, .. }: Db) {
     let key = |t| key("o", t);
     let applied = store
         .record_outcomes(&[
-            (key(1), 1, Outcome::Succeeded { status: 200 }),
+            (
+                key(1),
+                1,
+                Outcome::Succeeded {
+                    status: 200,
+                    log: None,
+                },
+            ),
             (
                 key(2),
                 1,
@@ -502,6 +509,7 @@ async fn attempts_and_outcomes_are_compare_and_set(Db { store, .. }: Db) {
                     error: "HTTP 503".into(),
                     status: Some(503),
                     request: "{\"snapshot\":2}".into(),
+                    log: None,
                 },
             ),
             (
@@ -511,6 +519,7 @@ async fn attempts_and_outcomes_are_compare_and_set(Db { store, .. }: Db) {
                     error: "not retried: HTTP 404".into(),
                     status: Some(404),
                     request: "{}".into(),
+                    log: None,
                 },
             ),
         ])
@@ -567,6 +576,7 @@ async fn attempts_and_outcomes_are_compare_and_set(Db { store, .. }: Db) {
                 error: "late".into(),
                 status: None,
                 request: String::new(),
+                log: None,
             },
         )])
         .await
@@ -591,6 +601,7 @@ async fn attempts_and_outcomes_are_compare_and_set(Db { store, .. }: Db) {
                 error: "é".repeat(3000),
                 status: None,
                 request: String::new(),
+                log: None,
             },
         )])
         .await
@@ -630,6 +641,7 @@ async fn pending_deliveries_survive_for_restart(Db { store, .. }: Db) {
                 error: "HTTP 503".into(),
                 status: Some(503),
                 request: "{\"snapshot\":true}".into(),
+                log: None,
             },
         )])
         .await
@@ -653,7 +665,16 @@ async fn history_is_pruned_but_pending_kept(Db { store, .. }: Db) {
     // Finish all but t=2 (left pending).
     let done: Vec<_> = (1..=10)
         .filter(|t| *t != 2)
-        .map(|t| (key("h", t), 1, Outcome::Succeeded { status: 204 }))
+        .map(|t| {
+            (
+                key("h", t),
+                1,
+                Outcome::Succeeded {
+                    status: 204,
+                    log: None,
+                },
+            )
+        })
         .collect();
     store.record_outcomes(&done).await.unwrap();
     let removed = store.prune_job_history(&["h".into()], 3).await.unwrap();
@@ -767,6 +788,7 @@ async fn executions_list_by_status_across_jobs(Db { store, .. }: Db) {
                 error: "not retried: HTTP 404".into(),
                 status: Some(404),
                 request: "{}".into(),
+                log: None,
             },
         )
     };
@@ -825,6 +847,7 @@ async fn a_dead_letter_is_redriven_with_a_fresh_budget(Db { store, .. }: Db) {
                 error: "gave up after 2 attempts: HTTP 500".into(),
                 status: Some(500),
                 request: r#"{"old":"snapshot"}"#.into(),
+                log: None,
             },
         )])
         .await
@@ -1254,7 +1277,14 @@ async fn put_and_pause_cancel_exactly_the_unsent_fires(db: Db) {
     record(store, "n1", &l, &fires, &[]).await.unwrap();
     store
         .record_outcomes(&[
-            (key("c", 40), 1, Outcome::Succeeded { status: 200 }),
+            (
+                key("c", 40),
+                1,
+                Outcome::Succeeded {
+                    status: 200,
+                    log: None,
+                },
+            ),
             (
                 key("c", 45),
                 1,
@@ -1262,6 +1292,7 @@ async fn put_and_pause_cancel_exactly_the_unsent_fires(db: Db) {
                     error: "not retried: HTTP 404".into(),
                     status: Some(404),
                     request: "{}".into(),
+                    log: None,
                 },
             ),
         ])
@@ -1402,7 +1433,14 @@ async fn hand_back_requeues_only_the_given_unsent_fires(db: Db) {
         Begin::Started
     );
     store
-        .record_outcomes(&[(key("h", 40), 1, Outcome::Succeeded { status: 200 })])
+        .record_outcomes(&[(
+            key("h", 40),
+            1,
+            Outcome::Succeeded {
+                status: 200,
+                log: None,
+            },
+        )])
         .await
         .unwrap();
     // k's slot moves to n3 before n1 hands back.

@@ -127,11 +127,41 @@ struct ExecutionView {
     next_attempt_at: Option<String>,
     last_error: Option<String>,
     response_status: Option<u16>,
+    /// The attempts made (sent, or refused before sending), oldest first, the last ten.
+    attempt_history: Box<RawValue>,
+}
+
+/// The execution's attempt log. A first attempt that succeeded has none stored: its one
+/// entry is the row itself. Rows from before the log existed show what the row says.
+fn attempt_history(e: &ExecutionRecord) -> Box<RawValue> {
+    if let Some(log) = e.attempt_log.as_deref()
+        && let Ok(raw) = RawValue::from_string(log.to_string())
+    {
+        return raw;
+    }
+    let entry = match e.status {
+        ExecStatus::Succeeded => serde_json::json!([{
+            "attempt": e.attempts,
+            "at": fmt_ms(e.fired_at),
+            "outcome": "succeeded",
+            "status": e.response_status,
+        }]),
+        ExecStatus::Failed => serde_json::json!([{
+            "attempt": e.attempts,
+            "outcome": "failed",
+            "status": e.response_status,
+            "error": e.last_error,
+        }]),
+        _ => serde_json::json!([]),
+    };
+    RawValue::from_string(entry.to_string()).expect("serde_json writes valid JSON")
 }
 
 impl From<ExecutionRecord> for ExecutionView {
     fn from(e: ExecutionRecord) -> Self {
+        let history = attempt_history(&e);
         ExecutionView {
+            attempt_history: history,
             id: e.scheduled_at.to_string(),
             job_id: e.job_id,
             scheduled_at: fmt_ms(e.scheduled_at),

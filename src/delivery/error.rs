@@ -33,6 +33,12 @@ pub(crate) enum AttemptError {
     /// A Consul service with no passing instance (or an unreachable Consul): nothing was sent.
     #[error("{0}")]
     NoInstance(String),
+    /// Not delivered within the job's `retry.max_age_ms` of its scheduled time: given up.
+    #[error(
+        "expired: not delivered within {max_age_ms} ms (retry.max_age_ms) of its scheduled \
+         time ({age_ms} ms ago); re-drive it to send it anyway"
+    )]
+    Expired { age_ms: i64, max_age_ms: u64 },
 }
 
 impl AttemptError {
@@ -54,7 +60,9 @@ impl AttemptError {
             | AttemptError::Connect(_)
             | AttemptError::Transport(_)
             | AttemptError::NoInstance(_) => true,
-            AttemptError::Refused(_) | AttemptError::Redirect { .. } => false,
+            AttemptError::Refused(_)
+            | AttemptError::Redirect { .. }
+            | AttemptError::Expired { .. } => false,
         }
     }
 
@@ -66,7 +74,10 @@ impl AttemptError {
 
     /// Nothing reached the target: the attempt says nothing about its health.
     pub fn nothing_sent(&self) -> bool {
-        matches!(self, AttemptError::NoInstance(_) | AttemptError::Refused(_))
+        matches!(
+            self,
+            AttemptError::NoInstance(_) | AttemptError::Refused(_) | AttemptError::Expired { .. }
+        )
     }
 
     pub fn retry_after(&self) -> Option<Duration> {

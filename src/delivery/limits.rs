@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use crate::clock::now_ms;
+use crate::metrics;
 
 pub(crate) const OPEN_AFTER: u32 = 5;
 const FIRST_COOLDOWN: Duration = Duration::from_secs(1);
@@ -43,11 +44,26 @@ enum Circuit {
     Open {
         until: i64,
         cooldown_ms: i64,
+        /// When the circuit first opened (it stays "not closed" through its probes).
+        since: i64,
     },
     /// Cool-down over: one probe is (or may be) out.
     HalfOpen {
         probing: bool,
         cooldown_ms: i64,
+        since: i64,
+    },
+}
+
+/// What one recorded result did to the circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transition {
+    Unchanged,
+    /// Closed → open.
+    Opened,
+    /// Back to closed after being open for `open_ms`.
+    Closed {
+        open_ms: i64,
     },
 }
 
@@ -83,10 +99,15 @@ impl TargetState {
         let mut c = self.circuit.lock().expect("circuit lock");
         match *c {
             Circuit::Closed { .. } => Admission::Send,
-            Circuit::Open { until, cooldown_ms } if now >= until => {
+            Circuit::Open {
+                until,
+                cooldown_ms,
+                since,
+            } if now >= until => {
                 *c = Circuit::HalfOpen {
                     probing: true,
                     cooldown_ms,
+                    since,
                 };
                 Admission::Probe
             }
@@ -94,10 +115,12 @@ impl TargetState {
             Circuit::HalfOpen {
                 probing: false,
                 cooldown_ms,
+                since,
             } => {
                 *c = Circuit::HalfOpen {
                     probing: true,
                     cooldown_ms,
+                    since,
                 };
                 Admission::Probe
             }
@@ -109,48 +132,71 @@ impl TargetState {
 
     /// Records an attempt's result as a health signal: `Some(false)` for failures that say
     /// the target is unwell, `Some(true)` for an answer (even a rejection), `None` when the
-    /// attempt says nothing about the target (nothing was sent). Returns true when this
-    /// result opened the circuit.
-    pub fn record(&self, healthy: Option<bool>, now: i64) -> bool {
+    /// attempt says nothing about the target (nothing was sent). Keeps
+    /// `chime_open_circuits` current.
+    pub fn record(&self, healthy: Option<bool>, now: i64) -> Transition {
         let mut c = self.circuit.lock().expect("circuit lock");
         let first = FIRST_COOLDOWN.as_millis() as i64;
-        let (open, cooldown_ms) = match (healthy, &*c) {
-            (Some(true), _) => {
+        let (cooldown_ms, since) = match (healthy, &*c) {
+            (Some(true), Circuit::Closed { .. }) => {
                 *c = Circuit::Closed { failures: 0 };
-                return false;
+                return Transition::Unchanged;
+            }
+            (Some(true), Circuit::Open { since, .. } | Circuit::HalfOpen { since, .. }) => {
+                let open_ms = now - since;
+                *c = Circuit::Closed { failures: 0 };
+                metrics::OPEN_CIRCUITS.add(-1);
+                return Transition::Closed { open_ms };
             }
             // A probe that could not be sent: let the next delivery probe instead.
-            (None, Circuit::HalfOpen { cooldown_ms, .. }) => {
+            (
+                None,
+                Circuit::HalfOpen {
+                    cooldown_ms, since, ..
+                },
+            ) => {
                 *c = Circuit::HalfOpen {
                     probing: false,
                     cooldown_ms: *cooldown_ms,
+                    since: *since,
                 };
-                return false;
+                return Transition::Unchanged;
             }
-            (None, _) => return false,
+            (None, _) => return Transition::Unchanged,
             (Some(false), Circuit::Closed { failures }) if failures + 1 >= OPEN_AFTER => {
-                (true, first)
+                (first, now)
             }
             (Some(false), Circuit::Closed { failures }) => {
                 *c = Circuit::Closed {
                     failures: failures + 1,
                 };
-                (false, 0)
+                return Transition::Unchanged;
             }
-            // A failed probe: back off further.
-            (Some(false), Circuit::HalfOpen { cooldown_ms, .. }) => {
-                (true, (cooldown_ms * 2).min(MAX_COOLDOWN.as_millis() as i64))
+            // A failed probe: back off further (still open; not a new opening).
+            (
+                Some(false),
+                Circuit::HalfOpen {
+                    cooldown_ms, since, ..
+                },
+            ) => {
+                let cooldown_ms = (cooldown_ms * 2).min(MAX_COOLDOWN.as_millis() as i64);
+                *c = Circuit::Open {
+                    until: now + cooldown_ms,
+                    cooldown_ms,
+                    since: *since,
+                };
+                return Transition::Unchanged;
             }
             // Attempts sent before the circuit opened keep failing: already open.
-            (Some(false), Circuit::Open { .. }) => (false, 0),
+            (Some(false), Circuit::Open { .. }) => return Transition::Unchanged,
         };
-        if open {
-            *c = Circuit::Open {
-                until: now + cooldown_ms,
-                cooldown_ms,
-            };
-        }
-        open
+        *c = Circuit::Open {
+            until: now + cooldown_ms,
+            cooldown_ms,
+            since,
+        };
+        metrics::OPEN_CIRCUITS.add(1);
+        Transition::Opened
     }
 
     pub fn is_open(&self) -> bool {
@@ -211,16 +257,17 @@ mod tests {
         let t = TargetState::new(4);
         let now = 1_000_000;
         for _ in 0..OPEN_AFTER - 1 {
-            assert!(!t.record(Some(false), now));
+            assert_eq!(t.record(Some(false), now), Transition::Unchanged);
         }
         // A success in between resets the count.
         t.record(Some(true), now);
         for _ in 0..OPEN_AFTER - 1 {
-            assert!(!t.record(Some(false), now));
+            assert_eq!(t.record(Some(false), now), Transition::Unchanged);
         }
         assert_eq!(t.admit(now), Admission::Send);
-        assert!(
+        assert_eq!(
             t.record(Some(false), now),
+            Transition::Opened,
             "the fifth failure in a row opens"
         );
         let until = now + FIRST_COOLDOWN.as_millis() as i64;
@@ -228,16 +275,21 @@ mod tests {
         // Cool-down over: exactly one probe.
         assert_eq!(t.admit(until), Admission::Probe);
         assert!(matches!(t.admit(until + 1), Admission::Defer(_)));
-        // The probe fails: open again, twice as long.
-        assert!(t.record(Some(false), until + 5));
+        // The probe fails: open again, twice as long (not a new opening).
+        assert_eq!(t.record(Some(false), until + 5), Transition::Unchanged);
         assert_eq!(
             t.admit(until + 6),
             Admission::Defer(until + 5 + 2 * FIRST_COOLDOWN.as_millis() as i64)
         );
         let later = until + 5 + 2 * FIRST_COOLDOWN.as_millis() as i64;
         assert_eq!(t.admit(later), Admission::Probe);
-        // The probe succeeds: closed.
-        t.record(Some(true), later + 1);
+        // The probe succeeds: closed, having been open since the fifth failure.
+        assert_eq!(
+            t.record(Some(true), later + 1),
+            Transition::Closed {
+                open_ms: later + 1 - now
+            }
+        );
         assert_eq!(t.admit(later + 2), Admission::Send);
         assert_eq!(t.admit(later + 2), Admission::Send);
         assert!(!t.is_open());
@@ -251,7 +303,11 @@ mod tests {
         }
         // "No instance" or "refused" says nothing about the target: no reset, no count.
         t.record(None, 0);
-        assert!(t.record(Some(false), 0), "still the fifth failure in a row");
+        assert_eq!(
+            t.record(Some(false), 0),
+            Transition::Opened,
+            "still the fifth failure in a row"
+        );
         let until = FIRST_COOLDOWN.as_millis() as i64;
         assert_eq!(t.admit(until), Admission::Probe);
         assert!(matches!(t.admit(until), Admission::Defer(_)));

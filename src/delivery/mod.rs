@@ -43,7 +43,7 @@ use crate::store::{Begin, ExecKey, Fence, Outcome, PendingDelivery, Store, Store
 use consul::{Consul, Picked};
 use error::AttemptError;
 use grpc::GrpcClients;
-use limits::{Admission, TargetState, Targets};
+use limits::{Admission, TargetState, Targets, Transition};
 
 const OUTCOME_BATCH: usize = 500;
 /// How often a delivery to a Consul service without a passing instance looks again.
@@ -70,6 +70,27 @@ pub struct DeliveryTask {
     /// When this delivery was handed to this node's delivery: a job deleted after that has
     /// cancelled it (see [`Deleted`]).
     pub queued: Instant,
+    /// The attempts made so far, oldest first, at most [`MAX_LOGGED_ATTEMPTS`].
+    pub log: Vec<AttemptEntry>,
+}
+
+/// Attempts kept in an execution's log: the newest.
+const MAX_LOGGED_ATTEMPTS: usize = 10;
+/// Characters of an attempt's error kept in the log.
+const MAX_LOGGED_ERROR: usize = 300;
+
+/// One attempt as the execution shows it (`attempt_history`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AttemptEntry {
+    pub attempt: u32,
+    /// When its result came (RFC 3339, UTC).
+    pub at: String,
+    /// `succeeded`, `retrying` or `failed`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl DeliveryTask {
@@ -86,12 +107,34 @@ impl DeliveryTask {
             attempt_limit: None,
             avoid: Vec::new(),
             queued: Instant::now(),
+            log: Vec::new(),
         }
     }
 
     fn attempt_limit(&self) -> u32 {
         self.attempt_limit.unwrap_or(self.target.retry.max_attempts)
     }
+
+    /// Past its job's `retry.max_age_ms` at `now`. A re-driven dead letter (someone asked
+    /// for it by hand) does not expire.
+    fn expired(&self, now: i64) -> bool {
+        self.attempt_limit.is_none()
+            && now.saturating_sub(self.key.scheduled_at) > self.target.retry.max_age_ms as i64
+    }
+}
+
+/// The outcome that ends an expired delivery. Keyed by the attempts already stored (the
+/// attempt it was waiting to make was never begun), so the outcome's compare-and-set holds.
+fn expired_outcome(mut task: DeliveryTask) -> (DeliveryTask, AttemptResult) {
+    if !task.attempt_persisted {
+        task.attempt = task.attempt.saturating_sub(1);
+        task.attempt_persisted = true;
+    }
+    let error = AttemptError::Expired {
+        age_ms: now_ms().saturating_sub(task.key.scheduled_at),
+        max_age_ms: task.target.retry.max_age_ms,
+    };
+    (task, Err(error))
 }
 
 /// Cheap to clone.
@@ -270,6 +313,11 @@ pub fn resume_tasks(pending: Vec<PendingDelivery>) -> Vec<DeliveryTask> {
                 attempt_limit: p.attempt_limit,
                 avoid: Vec::new(),
                 queued: Instant::now(),
+                log: p
+                    .attempt_log
+                    .as_deref()
+                    .and_then(|l| serde_json::from_str(l).ok())
+                    .unwrap_or_default(),
             }),
             Err(e) => {
                 tracing::error!(job_id = %p.key.job_id, scheduled_at = p.key.scheduled_at, error = %e, "stored delivery snapshot is unreadable; leaving it pending");
@@ -385,6 +433,10 @@ impl Dispatcher {
             let mut task = entry.remove();
             if !self.leases.holds(task.slot) {
                 // The slot moved: its new owner loaded this delivery from the store.
+                continue;
+            }
+            if task.expired(now) {
+                let _ = self.outcome_tx.send(expired_outcome(task));
                 continue;
             }
             let dest = Destination::of(&task.target);
@@ -514,18 +566,19 @@ impl AttemptCtx {
                 return None;
             }
         }
-        let _node_permit = tokio::select! {
-            p = self.transports.permits.clone().acquire_owned() => p.ok()?,
-            _ = self.cancel.cancelled() => return None,
-        };
         if !self.leases.holds(task.slot) {
             return None;
         }
         // A Consul service with no passing instance: nothing can be sent, so the delivery
-        // waits (re-checked every second) without being charged an attempt.
+        // waits (re-checked every second) without being charged an attempt. Looked up
+        // before taking a node-wide permit: waiting for Consul's first answer about a
+        // service must not hold one.
         let picked = match self.pick_instance(&task.avoid).await {
             Ok(p) => p,
             Err(e) => {
+                if task.expired(now_ms()) {
+                    return Some(self.expire(task, probe));
+                }
                 tracing::debug!(job_id = %task.key.job_id, error = %e, "delivery waits for a passing instance");
                 metrics::DELIVERIES_DEFERRED.inc();
                 task.due = now_ms() + NO_INSTANCE_RECHECK_MS;
@@ -533,6 +586,16 @@ impl AttemptCtx {
                 return None;
             }
         };
+        let _node_permit = tokio::select! {
+            p = self.transports.permits.clone().acquire_owned() => p.ok()?,
+            _ = self.cancel.cancelled() => return None,
+        };
+        if !self.leases.holds(task.slot) {
+            return None;
+        }
+        if task.expired(now_ms()) {
+            return Some(self.expire(task, probe));
+        }
         if self.deleted.cancels(&task) {
             return None;
         }
@@ -597,8 +660,17 @@ impl AttemptCtx {
             Err(e) => Some(!e.is_downstream_failure()),
         };
         // Only the probe may hand its role over; other unsent attempts say nothing.
-        if (healthy.is_some() || *probe) && self.target.record(healthy, now_ms()) {
-            tracing::warn!(job_id = %task.key.job_id, target = %self.dest.key, "target keeps failing; circuit opened, its deliveries wait");
+        if healthy.is_some() || *probe {
+            match self.target.record(healthy, now_ms()) {
+                Transition::Opened => {
+                    let error = result.as_ref().err().map(ToString::to_string);
+                    tracing::warn!(target = %self.dest.key, failures = limits::OPEN_AFTER, last_error = error.as_deref().unwrap_or("-"), "target keeps failing; circuit opened, its deliveries wait");
+                }
+                Transition::Closed { open_ms } => {
+                    tracing::info!(target = %self.dest.key, open_ms, "target answers again; circuit closed");
+                }
+                Transition::Unchanged => {}
+            }
         }
         if let Some(id) = failed_instance
             && !task.avoid.contains(&id)
@@ -606,6 +678,15 @@ impl AttemptCtx {
             task.avoid.push(id);
         }
         Some((task, result))
+    }
+
+    /// Gives up a delivery past its maximum age: recorded as failed (`expired`), and the
+    /// breaker's probe role, if this attempt had it, goes to the next delivery.
+    fn expire(&self, task: DeliveryTask, probe: &mut bool) -> (DeliveryTask, AttemptResult) {
+        if std::mem::take(probe) {
+            self.target.record(None, now_ms());
+        }
+        expired_outcome(task)
     }
 
     /// For a non-Consul target always true: its one destination is the whole target.
@@ -812,6 +893,10 @@ async fn write_outcomes(
     requeue: DeliveryHandle,
     stop: CancellationToken,
 ) -> usize {
+    let mut batch = batch;
+    for (task, result) in &mut batch {
+        log_attempt(task, result);
+    }
     let rows: Vec<_> = batch
         .iter()
         .map(|(task, result)| (task.key.clone(), task.attempt, outcome_of(task, result)))
@@ -832,9 +917,15 @@ async fn write_outcomes(
             }
         }
     };
-    for (((task, _), (_, _, outcome)), applied) in batch.into_iter().zip(rows).zip(applied) {
+    let mut expired = 0usize;
+    for (((task, result), (_, _, outcome)), applied) in batch.into_iter().zip(rows).zip(applied) {
         match outcome {
             Outcome::Succeeded { .. } => metrics::DELIVERIES.inc("succeeded"),
+            // Expiry comes in bursts (a target down for a day): one summary line below.
+            Outcome::Failed { .. } if matches!(result, Err(AttemptError::Expired { .. })) => {
+                metrics::DELIVERIES.inc("expired");
+                expired += 1;
+            }
             Outcome::Failed { error, .. } => {
                 metrics::DELIVERIES.inc("failed");
                 tracing::warn!(job_id = %task.key.job_id, scheduled_at = task.key.scheduled_at, attempt = task.attempt, error = %error, "delivery failed for good");
@@ -857,13 +948,27 @@ async fn write_outcomes(
             }
         }
     }
+    if expired > 0 {
+        tracing::warn!(
+            deliveries = expired,
+            "deliveries expired (not delivered within their job's retry.max_age_ms); they are listed as failed and can be re-driven"
+        );
+    }
     0
 }
 
 fn outcome_of(task: &DeliveryTask, result: &AttemptResult) -> Outcome {
     let snapshot = || serde_json::to_string(&*task.target).unwrap_or_default();
+    // A first attempt that succeeded needs no log: the row implies its one entry.
+    let first_success = task.attempt == 1 && task.log.len() <= 1 && result.is_ok();
+    let log = (!first_success)
+        .then(|| serde_json::to_string(&task.log).ok())
+        .flatten();
     match result {
-        Ok(status) => Outcome::Succeeded { status: *status },
+        Ok(status) => Outcome::Succeeded {
+            status: *status,
+            log,
+        },
         Err(e) if e.is_retryable() && task.attempt < task.attempt_limit() => {
             // A re-driven delivery's backoff starts over with its fresh budget.
             let redriven_after = task
@@ -879,17 +984,53 @@ fn outcome_of(task: &DeliveryTask, result: &AttemptResult) -> Outcome {
                 error: e.to_string(),
                 status: e.status(),
                 request: snapshot(),
+                log,
             }
         }
         Err(e) if e.is_retryable() => Outcome::Failed {
             error: format!("gave up after {} attempts: {e}", task.attempt),
             status: e.status(),
             request: snapshot(),
+            log,
+        },
+        Err(e @ AttemptError::Expired { .. }) => Outcome::Failed {
+            error: e.to_string(),
+            status: None,
+            request: snapshot(),
+            log,
         },
         Err(e) => Outcome::Failed {
             error: format!("not retried: {e}"),
             status: e.status(),
             request: snapshot(),
+            log,
         },
     }
+}
+
+/// Adds the attempt just made to the delivery's log (an expiry is not an attempt).
+fn log_attempt(task: &mut DeliveryTask, result: &AttemptResult) {
+    let (outcome, status, error) = match result {
+        Ok(status) => ("succeeded", Some(*status), None),
+        Err(AttemptError::Expired { .. }) => return,
+        Err(e) => {
+            let outcome = if e.is_retryable() && task.attempt < task.attempt_limit() {
+                "retrying"
+            } else {
+                "failed"
+            };
+            let error: String = e.to_string().chars().take(MAX_LOGGED_ERROR).collect();
+            (outcome, e.status(), Some(error))
+        }
+    };
+    if task.log.len() >= MAX_LOGGED_ATTEMPTS {
+        task.log.remove(0);
+    }
+    task.log.push(AttemptEntry {
+        attempt: task.attempt,
+        at: crate::clock::fmt_ms(now_ms()),
+        outcome: outcome.into(),
+        status,
+        error,
+    });
 }

@@ -37,6 +37,7 @@ mod tests {
             max_attempts: 10,
             initial_backoff_ms: 100,
             max_backoff_ms: 1000,
+            max_age_ms: 60_000,
         };
         for _ in 0..200 {
             let d: Vec<u128> = (1..=6)

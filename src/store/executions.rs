@@ -97,21 +97,23 @@ pub struct Progress {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Succeeded {
-        status: u16,
-    },
+    /// `log` (the attempt log's JSON) is None for a first attempt that succeeded: the bulk
+    /// of all outcomes, written in grouped statements, their one entry implied by the row.
+    Succeeded { status: u16, log: Option<String> },
     /// `request` is the delivery snapshot, kept for the retry (JSON of [`crate::job::Target`]).
     Retry {
         next_attempt_at: i64,
         error: String,
         status: Option<u16>,
         request: String,
+        log: Option<String>,
     },
     /// `request` is kept so a dead letter can be inspected and re-driven.
     Failed {
         error: String,
         status: Option<u16>,
         request: String,
+        log: Option<String>,
     },
 }
 
@@ -129,6 +131,8 @@ pub struct PendingDelivery {
     pub job_spec: Option<String>,
     /// The last attempt allowed, if not the target's `max_attempts` (a re-driven delivery).
     pub attempt_limit: Option<u32>,
+    /// The attempts made so far, as JSON (see [`Outcome`]).
+    pub attempt_log: Option<String>,
 }
 
 /// What [`Store::redrive`] found.
@@ -145,7 +149,7 @@ pub enum Redrive {
 }
 
 const PENDING_COLUMNS: &str = "e.job_id, e.scheduled_at, e.slot, e.attempts, e.next_attempt_at, \
-     e.fired_at, e.request, e.attempt_limit, j.spec";
+     e.fired_at, e.request, e.attempt_limit, e.attempt_log, j.spec";
 
 fn pending_from_row(row: &AnyRow) -> Result<PendingDelivery, StoreError> {
     let job_id: String = row.try_get("job_id")?;
@@ -165,6 +169,7 @@ fn pending_from_row(row: &AnyRow) -> Result<PendingDelivery, StoreError> {
         attempt_limit: row
             .try_get::<Option<i64>, _>("attempt_limit")?
             .map(|n| n.clamp(0, i64::from(u32::MAX)) as u32),
+        attempt_log: row.try_get("attempt_log")?,
     })
 }
 
@@ -180,6 +185,8 @@ pub struct ExecutionRecord {
     pub next_attempt_at: Option<i64>,
     pub last_error: Option<String>,
     pub response_status: Option<u16>,
+    /// The attempts made, as JSON (see [`Outcome`]).
+    pub attempt_log: Option<String>,
 }
 
 fn truncate(s: &str) -> &str {
@@ -207,6 +214,7 @@ fn exec_from_row(row: &AnyRow) -> Result<ExecutionRecord, StoreError> {
         next_attempt_at: row.try_get("next_attempt_at")?,
         last_error: row.try_get("last_error")?,
         response_status: response_status.and_then(|s| u16::try_from(s).ok()),
+        attempt_log: row.try_get("attempt_log")?,
     })
 }
 
@@ -511,7 +519,7 @@ impl Store {
             // Successes are the bulk: one statement per chunk, grouped by response status.
             let mut by_status: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
             for (i, (_, _, o)) in outcomes.iter().enumerate() {
-                if let Outcome::Succeeded { status } = o {
+                if let Outcome::Succeeded { status, log: None } = o {
                     by_status.entry(*status).or_default().push(i);
                 }
             }
@@ -522,7 +530,7 @@ impl Store {
                         .join(" OR ");
                     let sql = sqlx::AssertSqlSafe(format!(
                         "UPDATE {table} SET status = 'succeeded', response_status = ?, \
-                         last_error = NULL, next_attempt_at = NULL, request = '' \
+                         next_attempt_at = NULL, request = '' \
                          WHERE {pending} AND ({conds})"
                     ));
                     let mut q = sqlx::query(sql).bind(i64::from(status));
@@ -541,33 +549,49 @@ impl Store {
             }
             for (i, (key, attempt, outcome)) in outcomes.iter().enumerate() {
                 let q = match outcome {
-                    Outcome::Succeeded { .. } => continue,
+                    Outcome::Succeeded { log: None, .. } => continue,
+                    // After retries: the log says why they were needed.
+                    Outcome::Succeeded {
+                        status,
+                        log: Some(log),
+                    } => sqlx::query(
+                        "UPDATE executions SET status = 'succeeded', response_status = ?, \
+                         next_attempt_at = NULL, request = '', attempt_log = ? \
+                         WHERE job_id = ? AND scheduled_at = ? AND attempts = ? AND status = 'pending'",
+                    )
+                    .bind(i64::from(*status))
+                    .bind(log.clone()),
                     Outcome::Retry {
                         next_attempt_at,
                         error,
                         status,
                         request,
+                        log,
                     } => sqlx::query(
                         "UPDATE executions SET next_attempt_at = ?, last_error = ?, response_status = ?, \
-                         request = ? \
+                         request = ?, attempt_log = COALESCE(?, attempt_log) \
                          WHERE job_id = ? AND scheduled_at = ? AND attempts = ? AND status = 'pending'",
                     )
                     .bind(*next_attempt_at)
                     .bind(truncate(error).to_string())
                     .bind(status.map(i64::from))
-                    .bind(request.clone()),
+                    .bind(request.clone())
+                    .bind(log.clone()),
                     Outcome::Failed {
                         error,
                         status,
                         request,
+                        log,
                     } => sqlx::query(
                         "UPDATE executions SET status = 'failed', next_attempt_at = NULL, \
-                         last_error = ?, response_status = ?, request = ? \
+                         last_error = ?, response_status = ?, request = ?, \
+                         attempt_log = COALESCE(?, attempt_log) \
                          WHERE job_id = ? AND scheduled_at = ? AND attempts = ? AND status = 'pending'",
                     )
                     .bind(truncate(error).to_string())
                     .bind(status.map(i64::from))
-                    .bind(request.clone()),
+                    .bind(request.clone())
+                    .bind(log.clone()),
                 };
                 let n = q
                     .bind(key.job_id.to_string())
@@ -680,7 +704,7 @@ impl Store {
         self.timed(OP_TIMEOUT, async move {
             let rows = sqlx::query(
                 "SELECT job_id, scheduled_at, manual, fired_at, node, attempts, status, \
-                 next_attempt_at, last_error, response_status FROM executions WHERE job_id = ? \
+                 next_attempt_at, last_error, response_status, attempt_log FROM executions WHERE job_id = ? \
                  ORDER BY scheduled_at DESC LIMIT ?",
             )
             .bind(job_id)
@@ -704,7 +728,7 @@ impl Store {
             let (at, id) = after.unwrap_or((i64::MAX, ""));
             let rows = sqlx::query(
                 "SELECT job_id, scheduled_at, manual, fired_at, node, attempts, status, \
-                 next_attempt_at, last_error, response_status FROM executions WHERE status = ? \
+                 next_attempt_at, last_error, response_status, attempt_log FROM executions WHERE status = ? \
                  AND (scheduled_at < ? OR (scheduled_at = ? AND job_id > ?)) \
                  ORDER BY scheduled_at DESC, job_id LIMIT ?",
             )
