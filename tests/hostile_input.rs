@@ -331,3 +331,47 @@ async fn time_zones_are_trimmed_and_long_inputs_are_bounded() {
     let ids = node.job_ids().await;
     assert_eq!(ids, ["tz0", "tz1"], "only the valid jobs were stored");
 }
+
+/// Found by the fuzz test: a request rejected before its body was read (here a wrong token)
+/// left the body on the connection, and the server closed the connection after answering
+/// while the client, told nothing, sent its next request on it. Now the body is read first
+/// and the connection stays usable.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_request_with_a_body_leaves_the_connection_usable() {
+    let db = fresh_sqlite();
+    let node = Chime::start(&db, "n1", &["--api-token", "s3cret"]).await;
+    let mut s = tokio::net::TcpStream::connect(node.addr.as_str()).await.unwrap();
+    let body = format!("{{\"pad\": \"{}\"}}", "x".repeat(200_000));
+    let first = format!(
+        "PUT /v1/jobs/a HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(first.as_bytes()).await.unwrap();
+    let second = "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    s.write_all(second.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&got).matches("HTTP/1.1 ").count() >= 2 {
+                    break;
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    let statuses: Vec<&str> = text
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &text[i + 9..i + 12])
+        .collect();
+    assert_eq!(
+        statuses,
+        ["401", "200"],
+        "both requests on one connection are answered: {text}"
+    );
+}

@@ -75,9 +75,13 @@ impl BodyRules {
     }
 }
 
-/// Refuses a body declared (`Content-Length`) larger than the limit before any of it is
-/// read: waiting for bytes a client may never send would hold the connection open.
-pub async fn refuse_declared_oversize(req: Request, next: Next) -> Result<Response, ApiError> {
+/// Reads every request body in full before routing, within the size limit and the read
+/// timeout. A body declared (`Content-Length`) over the limit is refused before any of it is
+/// read: waiting for bytes a client may never send would hold the connection open. And a
+/// request rejected before its handler read the body (401, 403, 415, …) would otherwise
+/// leave the rest of the body on the connection: hyper then closes it after the answer,
+/// racing the client's next request on it.
+pub async fn read_body_first(req: Request, next: Next) -> Result<Response, ApiError> {
     let rules = req
         .extensions()
         .get::<BodyRules>()
@@ -91,7 +95,25 @@ pub async fn refuse_declared_oversize(req: Request, next: Next) -> Result<Respon
     if declared.is_some_and(|n| n > rules.max_bytes as u64) {
         return Err(ApiError::TooLarge(rules.max_bytes));
     }
-    Ok(next.run(req).await)
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    if declared.unwrap_or(0) == 0 && !chunked {
+        return Ok(next.run(req).await);
+    }
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, rules.max_bytes);
+    let bytes = tokio::time::timeout(rules.read_timeout, read)
+        .await
+        .map_err(|_| rules.timed_out())?
+        .map_err(|e| {
+            if declared.is_none() {
+                ApiError::TooLarge(rules.max_bytes)
+            } else {
+                ApiError::BadRequest(format!("cannot read the request body: {e}"))
+            }
+        })?;
+    Ok(next
+        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await)
 }
 
 /// Bodies must be declared JSON (`application/json`, or an `application/…+json` type):

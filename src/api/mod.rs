@@ -169,7 +169,7 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body.max_bytes))
-        .layer(middleware::from_fn(extract::refuse_declared_oversize))
+        .layer(middleware::from_fn(extract::read_body_first))
         .layer(axum::Extension(body))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let node_header = node_header.clone();
