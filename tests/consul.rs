@@ -312,3 +312,38 @@ async fn deliveries_to_a_service_without_instances_expire() {
     .await;
     assert!(expired.is_some(), "{:?}", node.executions("misspelt").await);
 }
+
+/// Misspelt service names must not take every watch slot for good: a service that has had
+/// no instance for a while gives its slot up, and a real service is resolved.
+#[tokio::test(flavor = "multi_thread")]
+async fn junk_services_do_not_starve_real_ones() {
+    let db = fresh_sqlite();
+    let consul = ConsulDouble::start().await;
+    let rx = Receiver::start(Script::always(200)).await;
+    consul.add_instance("web", "web-1", "127.0.0.1", rx.port());
+    let node = Chime::start(&db, "n1", &["--consul-addr", &consul.url()]).await;
+    // More junk names than one node watches (64), each firing every second.
+    for i in 0..70 {
+        let r = node
+            .put(
+                &format!("/v1/jobs/junk-{i}"),
+                &http_job("@every 1s", &format!("consul://junk-{i}/hook")),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{r}");
+    }
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let r = node
+        .put("/v1/jobs/real", &http_job("@every 1s", "consul://web/hook"))
+        .await;
+    assert_eq!(r.status, 201, "{r}");
+    let delivered = wait_until(Duration::from_secs(20), async || {
+        rx.requests().iter().any(|c| c.job_id() == "real")
+    })
+    .await;
+    assert!(
+        delivered,
+        "the real service never got a callback: {:?}",
+        node.executions("real").await.first()
+    );
+}

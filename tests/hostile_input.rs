@@ -340,7 +340,9 @@ async fn time_zones_are_trimmed_and_long_inputs_are_bounded() {
 async fn a_rejected_request_with_a_body_leaves_the_connection_usable() {
     let db = fresh_sqlite();
     let node = Chime::start(&db, "n1", &["--api-token", "s3cret"]).await;
-    let mut s = tokio::net::TcpStream::connect(node.addr.as_str()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(node.addr.as_str())
+        .await
+        .unwrap();
     let body = format!("{{\"pad\": \"{}\"}}", "x".repeat(200_000));
     let first = format!(
         "PUT /v1/jobs/a HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\n\

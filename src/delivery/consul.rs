@@ -52,6 +52,9 @@ const MAX_EJECTION: Duration = Duration::from_secs(300);
 /// `http_max_conns_per_client` (default 200) would otherwise be exhausted by job writers
 /// naming many services, starving the real ones.
 const MAX_SERVICES: usize = 64;
+/// When every watch slot is taken, a service that has had no instance for this long (a
+/// misspelt name, say) gives its slot up to a service not watched yet.
+const EMPTY_YIELD: Duration = Duration::from_secs(10);
 /// More instances than this in one answer is not a real service; the rest are ignored.
 const MAX_INSTANCES: usize = 10_000;
 
@@ -190,6 +193,11 @@ type Instances = Option<Arc<[Arc<Instance>]>>;
 struct Service {
     instances: watch::Receiver<Instances>,
     last_used: AtomicI64,
+    /// Since when Consul has listed no passing instance (unix ms; 0: it has some, or no
+    /// answer yet).
+    empty_since: AtomicI64,
+    /// Stops the watch when its slot is given to another service.
+    stop: CancellationToken,
 }
 
 /// Resolves `consul://` targets; cheap to clone.
@@ -236,7 +244,8 @@ impl Consul {
         let svc = self.service(service).ok_or_else(|| {
             AttemptError::NoInstance(format!(
                 "consul service {service:?}: already watching {MAX_SERVICES} services, the most \
-                 one node watches; it is resolved once another one falls idle"
+                 one node watches; it is resolved once one of them falls idle or has had no \
+                 instance for {EMPTY_YIELD:?}"
             ))
         })?;
         svc.last_used.store(now_ms(), Ordering::Relaxed);
@@ -281,49 +290,61 @@ impl Consul {
         if let Some(s) = services.get(name) {
             return Some(s.clone());
         }
+        let now = now_ms();
         if services.len() >= MAX_SERVICES {
-            return None;
+            let yield_ms = EMPTY_YIELD.as_millis() as i64;
+            let victim = services
+                .iter()
+                .map(|(n, s)| (s.empty_since.load(Ordering::Relaxed), n))
+                .filter(|(since, _)| *since > 0 && now - since > yield_ms)
+                .min()
+                .map(|(since, n)| (since, n.clone()))?;
+            let (since, victim) = victim;
+            if let Some(old) = services.remove(&victim) {
+                old.stop.cancel();
+            }
+            tracing::info!(service = %victim, empty_for_ms = now - since, replaced_by = %name, "consul service without instances gives its watch slot up");
         }
         let (tx, rx) = watch::channel(None);
         let svc = Arc::new(Service {
             instances: rx,
-            last_used: AtomicI64::new(now_ms()),
+            last_used: AtomicI64::new(now),
+            empty_since: AtomicI64::new(0),
+            stop: self.inner.cancel.child_token(),
         });
         services.insert(name.to_string(), svc.clone());
         let this = self.clone();
         let name = name.to_string();
+        let me = svc.clone();
         self.inner
             .tracker
-            .spawn(async move { this.watch(name, tx).await });
+            .spawn(async move { this.watch(name, me, tx).await });
         Some(svc)
     }
 
     /// Follows one service until shutdown or until nobody has used it for [`IDLE_STOP`].
-    async fn watch(self, name: String, tx: watch::Sender<Instances>) {
+    async fn watch(self, name: String, me: Arc<Service>, tx: watch::Sender<Instances>) {
         let mut index: u64 = 0;
         let mut errors: u32 = 0;
         let mut known: HashMap<(String, String, u16), Arc<Instance>> = HashMap::new();
         loop {
-            let idle = {
-                let services = self.inner.services.lock().expect("services lock");
-                let svc = services
-                    .get(&name)
-                    .expect("a watched service is registered");
-                now_ms() - svc.last_used.load(Ordering::Relaxed) > IDLE_STOP.as_millis() as i64
-            };
+            if me.stop.is_cancelled() {
+                return; // its slot went to another service
+            }
+            let idle =
+                now_ms() - me.last_used.load(Ordering::Relaxed) > IDLE_STOP.as_millis() as i64;
             if idle {
-                self.inner
-                    .services
-                    .lock()
-                    .expect("services lock")
-                    .remove(&name);
+                let mut services = self.inner.services.lock().expect("services lock");
+                if services.get(&name).is_some_and(|s| Arc::ptr_eq(s, &me)) {
+                    services.remove(&name);
+                }
                 tracing::debug!(service = %name, "consul service unused; watch stopped");
                 return;
             }
             let started = tokio::time::Instant::now();
             let result = tokio::select! {
                 r = self.query(&name, index) => r,
-                _ = self.inner.cancel.cancelled() => return,
+                _ = me.stop.cancelled() => return,
             };
             match result {
                 Ok((entries, new_index)) => {
@@ -338,6 +359,16 @@ impl Consul {
                         _ => 0,
                     };
                     let list = instances_of(&name, entries, &mut known);
+                    if list.is_empty() {
+                        let _ = me.empty_since.compare_exchange(
+                            0,
+                            now_ms(),
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    } else {
+                        me.empty_since.store(0, Ordering::Relaxed);
+                    }
                     tx.send_if_modified(|current| {
                         let changed = current.as_deref().map(ids) != Some(ids(&list));
                         if changed || current.is_none() {
@@ -358,7 +389,7 @@ impl Consul {
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = self.inner.cancel.cancelled() => return,
+                        _ = me.stop.cancelled() => return,
                     }
                     // The first delivery waits for a first answer; an unreachable Consul is
                     // an answer too (no instance), so it does not wait in vain.
