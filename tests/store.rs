@@ -1628,7 +1628,22 @@ async fn old_fire_batch_ids_are_pruned(db: Db) {
 /// URL (which sqlx sends as the session zone) must not reach chime's sessions.
 async fn the_database_clock_is_utc_whatever_the_url_says(db: Db) {
     let url = if db.url.starts_with("mysql:") {
-        format!("{}?timezone=-05:00", db.url)
+        // A zone with DST, as the issue saw it (needs the server's zone tables: .ci/run
+        // loads them with mysql_tzinfo_to_sql).
+        let pool = db.raw().await;
+        let known: Option<String> = sqlx::query_scalar(
+            "SELECT CAST(CONVERT_TZ('2026-11-01 05:30:00', '+00:00', 'America/New_York') AS CHAR)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        assert!(
+            known.is_some(),
+            "the MySQL server has no time zone tables; load them with \
+             `mysql_tzinfo_to_sql /usr/share/zoneinfo | mysql -uroot mysql` (.ci/run does)"
+        );
+        format!("{}?timezone=America%2FNew_York", db.url)
     } else {
         db.url.clone()
     };
