@@ -347,3 +347,56 @@ async fn junk_services_do_not_starve_real_ones() {
         node.executions("real").await.first()
     );
 }
+
+/// A delivery waiting for Consul's first answer about its service must not hold one of the
+/// node's delivery permits: with a single permit and a wedged Consul, callbacks to a plain
+/// URL still go out on time.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_consul_holds_no_node_permit() {
+    let db = fresh_sqlite();
+    let consul = ConsulDouble::start().await;
+    consul.stall_next(1_000);
+    let rx = Receiver::start(Script::always(200)).await;
+    let node = Chime::start(
+        &db,
+        "n1",
+        &[
+            "--consul-addr",
+            &consul.url(),
+            "--delivery-concurrency",
+            "1",
+        ],
+    )
+    .await;
+    let r = node
+        .put(
+            "/v1/jobs/wedged",
+            &http_job("@every 1s", "consul://stalled/hook"),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r}");
+    let r = node
+        .put("/v1/jobs/plain", &http_job("@every 1s", &rx.url()))
+        .await;
+    assert_eq!(r.status, 201, "{r}");
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let calls: Vec<Received> = rx
+        .requests()
+        .into_iter()
+        .filter(|c| c.job_id() == "plain" && c.attempt() == 1)
+        .collect();
+    assert!(
+        calls.len() >= 6,
+        "{} callbacks in 9 s: {calls:?}",
+        calls.len()
+    );
+    let worst = calls
+        .iter()
+        .map(|c| c.at_ms - c.scheduled_ms())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        worst < 1000,
+        "a plain callback waited {worst} ms behind the Consul lookup: {calls:?}"
+    );
+}

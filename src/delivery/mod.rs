@@ -118,8 +118,20 @@ impl DeliveryTask {
     /// Past its job's `retry.max_age_ms` at `now`. A re-driven dead letter (someone asked
     /// for it by hand) does not expire.
     fn expired(&self, now: i64) -> bool {
-        self.attempt_limit.is_none()
-            && now.saturating_sub(self.key.scheduled_at) > self.target.retry.max_age_ms as i64
+        self.expires_at().is_some_and(|at| now >= at)
+    }
+
+    /// When it expires (None: a re-driven delivery, which does not).
+    fn expires_at(&self) -> Option<i64> {
+        self.attempt_limit
+            .is_none()
+            .then(|| self.key.scheduled_at + self.target.retry.max_age_ms as i64 + 1)
+    }
+
+    /// Deferred until `until`, but looked at again when it expires, so that an expired
+    /// delivery ends then, not when a long cool-down is over.
+    fn defer(&mut self, until: i64) {
+        self.due = self.expires_at().map_or(until, |at| until.min(at));
     }
 }
 
@@ -444,7 +456,7 @@ impl Dispatcher {
             if let Some(until) = target.deferring(now) {
                 // Circuit open: not sent, not charged an attempt, looked at again later.
                 metrics::DELIVERIES_DEFERRED.inc();
-                task.due = until;
+                task.defer(until);
                 self.enqueue(task);
                 continue;
             }
@@ -561,7 +573,7 @@ impl AttemptCtx {
             Admission::Probe => *probe = true,
             Admission::Defer(until) => {
                 metrics::DELIVERIES_DEFERRED.inc();
-                task.due = until;
+                task.defer(until);
                 self.requeue.submit(vec![task]);
                 return None;
             }
@@ -938,12 +950,13 @@ async fn write_outcomes(
                 metrics::DELIVERIES.inc("retried");
                 tracing::debug!(job_id = %task.key.job_id, attempt = task.attempt, error = %error, "attempt failed, will retry");
                 if applied {
-                    requeue.submit(vec![DeliveryTask {
+                    let mut next = DeliveryTask {
                         attempt: task.attempt + 1,
                         attempt_persisted: false,
-                        due: next_attempt_at,
                         ..task
-                    }]);
+                    };
+                    next.defer(next_attempt_at);
+                    requeue.submit(vec![next]);
                 }
             }
         }
