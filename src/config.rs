@@ -233,15 +233,7 @@ impl ServeArgs {
             .database_url
             .or(file.database_url)
             .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
-        if !(database_url.starts_with("sqlite:") || database_url.starts_with("mysql:")) {
-            return Err(invalid(
-                "database_url",
-                format!(
-                    "unsupported scheme in {:?}; use sqlite://FILE or mysql://user:pass@host:3306/db",
-                    redact_url(&database_url)
-                ),
-            ));
-        }
+        check_database_url(&database_url).map_err(|m| invalid("database_url", m))?;
         let api_token = self.api_token.or(file.api_token).filter(|t| !t.is_empty());
         let record_ahead = duration_or(
             "record_ahead",
@@ -412,10 +404,111 @@ fn validate_node_id(id: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// `ip:port`, `host:port` (resolved now; `localhost` is 127.0.0.1) or `:port` (every
+/// interface).
 fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| invalid(key, format!("{value:?} is not an ip:port address")))
+    let v = value.trim();
+    let bad = || {
+        invalid(
+            key,
+            format!(
+                "{value:?} is not an address to listen on; write ip:port, host:port or :port \
+                 (every interface), e.g. 127.0.0.1:8080"
+            ),
+        )
+    };
+    if let Ok(addr) = v.parse() {
+        return Ok(addr);
+    }
+    if let Some(port) = v.strip_prefix(':') {
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    let (host, port) = v.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    use std::net::ToSocketAddrs;
+    let mut addrs = (host, port).to_socket_addrs().map_err(|e| {
+        invalid(
+            key,
+            format!("cannot resolve {host:?} in {value:?}: {e}; give an ip:port"),
+        )
+    })?;
+    addrs.find(SocketAddr::is_ipv4).ok_or_else(bad)
+}
+
+/// The candidate nearest `given`, if near enough to be a typo of it (case-insensitive).
+pub fn closest_name<'a>(
+    given: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let given = given.to_ascii_lowercase();
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(&given, &c.to_ascii_lowercase()), c))
+        .filter(|(d, c)| *d <= (c.len() / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// What `chime` can tell about a database URL before connecting, with what to do about it.
+pub fn check_database_url(url: &str) -> Result<(), String> {
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        let path = path.split('?').next().unwrap_or_default();
+        if path.is_empty() || path.contains(":memory:") {
+            return Ok(());
+        }
+        let parent = Path::new(path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(format!(
+                "the directory {} of {path:?} does not exist; create it, or point \
+                 --database-url at a file in an existing directory",
+                parent.display()
+            ));
+        }
+        return Ok(());
+    }
+    if url.starts_with("mysql:") {
+        let parsed = url::Url::parse(url).map_err(|e| {
+            format!(
+                "{:?} is not a URL ({e}); use mysql://user:pass@host:3306/chime",
+                redact_url(url)
+            )
+        })?;
+        if parsed.path().trim_matches('/').is_empty() {
+            return Err(format!(
+                "{:?} names no database; add one, e.g. mysql://user:pass@host:3306/chime \
+                 (create it first: CREATE DATABASE chime)",
+                redact_url(url)
+            ));
+        }
+        return Ok(());
+    }
+    Err(format!(
+        "unsupported scheme in {:?}; use sqlite://FILE or mysql://user:pass@host:3306/db",
+        redact_url(url)
+    ))
 }
 
 fn duration_or(
@@ -488,6 +581,29 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses_take_the_forms_people_write() {
+        let a = |v: &str| parse_addr("http_addr", v).map(|a| a.to_string());
+        assert_eq!(a("127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
+        assert_eq!(a("localhost:8080").unwrap(), "127.0.0.1:8080");
+        assert_eq!(a(":8080").unwrap(), "0.0.0.0:8080");
+        assert_eq!(a("[::1]:8080").unwrap(), "[::1]:8080");
+        for bad in ["nope", ":x", "localhost", "1.2.3.4:99999"] {
+            let e = a(bad).unwrap_err().to_string();
+            assert!(e.contains("host:port or :port"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn typos_find_their_name() {
+        let known = ["CHIME_HTTP_ADDR", "CHIME_GOSSIP_ADDR", "CHIME_LOG"];
+        assert_eq!(
+            closest_name("CHIME_HTTP_ADRR", known),
+            Some("CHIME_HTTP_ADDR")
+        );
+        assert_eq!(closest_name("CHIME_WHATEVER", known), None);
+    }
 
     #[test]
     fn durations_parse() {

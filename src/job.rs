@@ -432,8 +432,16 @@ fn validate_target_url(
     raw: &str,
     rules: &TargetRules,
 ) -> Result<reqwest::Url, FieldError> {
-    let url = reqwest::Url::parse(raw)
-        .map_err(|e| FieldError::new(field, format!("{raw:?} is not a URL: {e}")))?;
+    let url = reqwest::Url::parse(raw).map_err(|e| {
+        let reason = match e {
+            url::ParseError::RelativeUrlWithoutBase => format!(
+                "{raw:?} has no scheme; write it in full, e.g. http://{}",
+                raw.trim_start_matches('/')
+            ),
+            e => format!("{raw:?} is not a URL: {e}"),
+        };
+        FieldError::new(field, reason)
+    })?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err(FieldError::new(
             field,

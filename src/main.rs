@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use chime::config::{LogFormat, ServeArgs, redact_url};
@@ -11,7 +11,9 @@ use chime::config::{LogFormat, ServeArgs, redact_url};
 #[command(
     name = "chime",
     version,
-    about = "A distributed timer: cron rules over REST, fired as HTTP callbacks"
+    about = "A distributed timer: cron rules over REST, fired as HTTP or gRPC callbacks",
+    after_help = "Environment: every `serve` flag is also read from CHIME_<FLAG> (see `chime serve --help`); \
+                  CHIME_LOG sets the log filter, e.g. CHIME_LOG=info or CHIME_LOG=chime=debug."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -57,6 +59,7 @@ fn run(command: Command) -> Result<(), String> {
         Command::Serve(args) => {
             let config = args.resolve().map_err(|e| e.to_string())?;
             init_tracing(config.log_format);
+            warn_unknown_env();
             runtime()?.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(config.http_addr)
                     .await
@@ -67,6 +70,8 @@ fn run(command: Command) -> Result<(), String> {
             })
         }
         Command::Migrate { database_url } => runtime()?.block_on(async move {
+            chime::config::check_database_url(&database_url)
+                .map_err(|m| format!("database_url: {m}"))?;
             let store = chime::store::Store::connect(&database_url)
                 .await
                 .map_err(|e| format!("cannot open database {}: {e}", redact_url(&database_url)))?;
@@ -116,6 +121,31 @@ fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+/// A mistyped `CHIME_*` variable would otherwise be ignored without a word, and the node
+/// would start with the default instead.
+fn warn_unknown_env() {
+    let mut known: Vec<String> = vec!["CHIME_LOG".into(), "CHIME_FAULTS".into()];
+    for sub in Cli::command().get_subcommands() {
+        for arg in sub.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                known.push(env.to_string_lossy().into_owned());
+            }
+        }
+    }
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if !key.starts_with("CHIME_") || known.iter().any(|k| *k == key) {
+            continue;
+        }
+        match chime::config::closest_name(&key, known.iter().map(String::as_str)) {
+            Some(near) => tracing::warn!(
+                "unknown environment variable {key} is ignored; did you mean {near}?"
+            ),
+            None => tracing::warn!("unknown environment variable {key} is ignored"),
+        }
     }
 }
 

@@ -222,17 +222,52 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         if inner.is_syntax() || inner.is_eof() {
             ApiError::BadRequest(format!("malformed JSON: {inner}"))
         } else if path == "." {
-            ApiError::BadRequest(format!("request body: {inner}"))
+            ApiError::BadRequest(format!("request body: {}", humanize(&inner.to_string())))
         } else {
             ApiError::Invalid(crate::job::FieldError::new(
                 path,
-                strip_position(&inner.to_string()),
+                humanize(&inner.to_string()),
             ))
         }
     })?;
     de.end()
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
     Ok(value)
+}
+
+/// serde's message in the API's words: no position, no Rust type names, and for a misspelt
+/// field the closest valid one.
+fn humanize(msg: &str) -> String {
+    let mut out = strip_position(msg);
+    for (rust, plain) in [
+        ("expected i64", "expected an integer"),
+        ("expected u64", "expected a non-negative integer"),
+        ("expected u32", "expected a non-negative integer"),
+        ("expected a map", "expected an object"),
+        ("expected a sequence", "expected a list"),
+    ] {
+        out = out.replace(rust, plain);
+    }
+    if let Some(i) = out.find("expected struct ") {
+        let rest = &out[i + "expected struct ".len()..];
+        let end = rest
+            .find(|c: char| !c.is_alphanumeric() && c != '_')
+            .unwrap_or(rest.len());
+        out = format!("{}expected an object{}", &out[..i], &rest[end..]);
+    }
+    if let Some(suggestion) = closest_field(&out) {
+        out.push_str(&format!("; did you mean `{suggestion}`?"));
+    }
+    out
+}
+
+/// For "unknown field `shedule`, expected one of `id`, `schedule`, …": the valid field
+/// nearest the misspelt one, if it is near enough to be a typo.
+fn closest_field(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    let (given, rest) = rest.split_once('`')?;
+    let valid = rest.split('`').skip(1).step_by(2);
+    crate::config::closest_name(given, valid).map(str::to_string)
 }
 
 /// serde_json appends " at line 1 column 42", which means nothing once the field is named.
@@ -305,6 +340,23 @@ mod tests {
         );
         let e = parse_json::<JobInput>(br#"{"shedule": "@hourly"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `shedule`"), "{e}");
+        assert!(e.to_string().contains("did you mean `schedule`?"), "{e}");
+        let e = parse_json::<JobInput>(br#"{"zzz": 1}"#).unwrap_err();
+        assert!(
+            !e.to_string().contains("did you mean"),
+            "no wild guesses: {e}"
+        );
+        // No Rust type names reach the client.
+        let e = parse_json::<JobInput>(br#"{"callback": "http://h/"}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("expected an object") && !e.to_string().contains("struct"),
+            "{e}"
+        );
+        let e = parse_json::<JobInput>(br#"{"retry": {"max_attempts": "x"}}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("expected an integer") && !e.to_string().contains("i64"),
+            "{e}"
+        );
         let e = parse_json::<JobInput>(br#"{} {}"#).unwrap_err();
         assert!(matches!(e, ApiError::BadRequest(_)), "{e}");
         let e = parse_json::<JobInput>(b"[1]").unwrap_err();

@@ -508,10 +508,12 @@ pub async fn list(
     if let Some(c) = &cursor {
         job::validate_id("cursor", c)?;
     }
-    let records = state.store.list_jobs(cursor.as_deref(), limit).await?;
-    let next_cursor = (records.len() == limit as usize)
-        .then(|| records.last().map(|r| r.id.clone()))
-        .flatten();
+    // One row more than the page tells whether there is a next page: a cursor after the
+    // last row would cost the client one empty call.
+    let mut records = state.store.list_jobs(cursor.as_deref(), limit + 1).await?;
+    let more = records.len() > limit as usize;
+    records.truncate(limit as usize);
+    let next_cursor = more.then(|| records.last().map(|r| r.id.clone())).flatten();
     // One lease lookup per job would make a page cost a query per row; the ring's owner is
     // who holds the lease except while a slot is moving.
     let ring = state.cluster.ring();
@@ -710,15 +712,17 @@ pub async fn executions_by_status(
             Some((at, id.to_string()))
         }
     };
-    let list = state
+    let mut list = state
         .store
         .list_executions_by_status(
             status,
             cursor.as_ref().map(|(a, i)| (*a, i.as_str())),
-            limit,
+            limit + 1,
         )
         .await?;
-    let next_cursor = (list.len() == limit as usize)
+    let more = list.len() > limit as usize;
+    list.truncate(limit as usize);
+    let next_cursor = more
         .then(|| {
             list.last()
                 .map(|e| format!("{}:{}", e.scheduled_at, e.job_id))
