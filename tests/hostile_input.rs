@@ -243,18 +243,14 @@ async fn stalled_requests_are_cut_off() {
     );
     assert!(node.job_ids().await.is_empty());
     // A bad value is a start-up error naming the setting.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chime"))
-        .args([
-            "serve",
-            "--request-read-timeout",
-            "soon",
-            "--database-url",
-            db.url(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = run_chime(&[
+        "serve",
+        "--request-read-timeout",
+        "soon",
+        "--database-url",
+        db.url(),
+    ]);
+    assert!(!ok);
     assert!(err.contains("request_read_timeout"), "{err}");
 }
 

@@ -3,30 +3,15 @@
 
 mod common;
 
-use std::process::Command;
-
 use serde_json::json;
 
 use common::*;
-
-fn chime(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_chime"))
-        .args(args)
-        .env_remove("CHIME_DATABASE_URL")
-        .output()
-        .expect("run chime");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn start_up_mistakes_say_what_to_do() {
     let server = mysql_server_url();
     for cmd in ["serve", "migrate"] {
-        let (ok, _, err) = chime(&[cmd, "--database-url", &server]);
+        let (ok, _, err) = run_chime(&[cmd, "--database-url", &server]);
         assert!(!ok, "{cmd} started without a database name");
         assert!(
             err.contains("names no database") && err.contains("CREATE DATABASE"),
@@ -36,7 +21,7 @@ fn start_up_mistakes_say_what_to_do() {
             !err.contains("unexpected null"),
             "{cmd}: internals leak: {err}"
         );
-        let (ok, _, err) = chime(&[cmd, "--database-url", "sqlite:///no/such/dir/chime.db"]);
+        let (ok, _, err) = run_chime(&[cmd, "--database-url", "sqlite:///no/such/dir/chime.db"]);
         assert!(!ok);
         assert!(
             err.contains("/no/such/dir") && err.contains("does not exist"),
@@ -44,11 +29,11 @@ fn start_up_mistakes_say_what_to_do() {
         );
         assert!(!err.contains("server is up"), "{cmd}: {err}");
     }
-    let (ok, _, err) = chime(&["serve", "--http-addr", "nope"]);
+    let (ok, _, err) = run_chime(&["serve", "--http-addr", "nope"]);
     assert!(!ok);
     assert!(err.contains("host:port or :port"), "{err}");
 
-    let (_, help, _) = chime(&["--help"]);
+    let (_, help, _) = run_chime(&["--help"]);
     assert!(help.contains("CHIME_LOG"), "{help}");
     assert!(help.contains("gRPC"), "{help}");
 }

@@ -8,7 +8,7 @@ use axum::extract::path::ErrorKind;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use serde::de::DeserializeOwned;
@@ -17,7 +17,7 @@ use super::{ApiError, ApiState};
 
 /// Like `axum::Json`, but every rejection is an [`ApiError`]: malformed JSON → 400, a
 /// well-formed body with a wrong field → 422 naming the field's path, too large → 413, not
-/// declared JSON → 415, not received within the read timeout → 408.
+/// declared JSON → 415 (size and read deadline: see [`read_body_first`]).
 pub struct JsonBody<T>(pub T);
 
 impl<S, T> FromRequest<S> for JsonBody<T>
@@ -29,22 +29,11 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         require_json(req.headers())?;
-        let rules = req
-            .extensions()
-            .get::<BodyRules>()
-            .copied()
-            .unwrap_or_default();
-        let read = Bytes::from_request(req, state);
-        let bytes = tokio::time::timeout(rules.read_timeout, read)
-            .await
-            .map_err(|_| rules.timed_out())?
-            .map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::TooLarge(rules.max_bytes)
-                } else {
-                    ApiError::BadRequest(format!("cannot read request body: {}", e.body_text()))
-                }
-            })?;
+        // `read_body_first` has read the body within its limit and deadline: this only takes
+        // it out of memory.
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            ApiError::BadRequest(format!("cannot read request body: {}", e.body_text()))
+        })?;
         parse_json(&bytes).map(JsonBody)
     }
 }
@@ -63,15 +52,6 @@ impl Default for BodyRules {
             max_bytes: crate::config::DEFAULT_MAX_BODY_BYTES,
             read_timeout: crate::config::DEFAULT_REQUEST_READ_TIMEOUT,
         }
-    }
-}
-
-impl BodyRules {
-    pub fn timed_out(&self) -> ApiError {
-        ApiError::RequestTimeout(format!(
-            "the request body did not arrive within {} ms",
-            self.read_timeout.as_millis()
-        ))
     }
 }
 
@@ -103,7 +83,12 @@ pub async fn read_body_first(req: Request, next: Next) -> Result<Response, ApiEr
     let read = axum::body::to_bytes(body, rules.max_bytes);
     let bytes = tokio::time::timeout(rules.read_timeout, read)
         .await
-        .map_err(|_| rules.timed_out())?
+        .map_err(|_| {
+            ApiError::RequestTimeout(format!(
+                "the request body did not arrive within {} ms",
+                rules.read_timeout.as_millis()
+            ))
+        })?
         .map_err(|e| {
             if declared.is_none() {
                 ApiError::TooLarge(rules.max_bytes)

@@ -75,13 +75,11 @@ fn original_uri(req: &Request) -> axum::http::Uri {
 }
 
 impl ApiState {
-    /// Reads a whole body within the size limit and the read timeout.
+    /// Takes the body `read_body_first` has already read (within its limit and deadline).
     async fn read_body(&self, body: Body) -> Result<axum::body::Bytes, ApiError> {
-        let rules = self.body;
-        tokio::time::timeout(rules.read_timeout, to_bytes(body, rules.max_bytes))
+        to_bytes(body, self.body.max_bytes)
             .await
-            .map_err(|_| rules.timed_out())?
-            .map_err(|_| ApiError::TooLarge(rules.max_bytes))
+            .map_err(|_| ApiError::TooLarge(self.body.max_bytes))
     }
 
     /// The owner of `id`'s slot if it is another node (None: this node, or no ring yet).

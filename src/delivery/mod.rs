@@ -972,9 +972,8 @@ async fn write_outcomes(
 
 fn outcome_of(task: &DeliveryTask, result: &AttemptResult) -> Outcome {
     let snapshot = || serde_json::to_string(&*task.target).unwrap_or_default();
-    // A first attempt that succeeded needs no log: the row implies its one entry.
-    let first_success = task.attempt == 1 && task.log.len() <= 1 && result.is_ok();
-    let log = (!first_success)
+    // Empty only for a first attempt that succeeded: the row implies its one entry.
+    let log = (!task.log.is_empty())
         .then(|| serde_json::to_string(&task.log).ok())
         .flatten();
     match result {
@@ -1021,8 +1020,13 @@ fn outcome_of(task: &DeliveryTask, result: &AttemptResult) -> Outcome {
     }
 }
 
-/// Adds the attempt just made to the delivery's log (an expiry is not an attempt).
+/// Adds the attempt just made to the delivery's log (an expiry is not an attempt). A first
+/// attempt that succeeded, the bulk of all deliveries, is left out: the row says it all, and
+/// the delivery path does no work for it.
 fn log_attempt(task: &mut DeliveryTask, result: &AttemptResult) {
+    if result.is_ok() && task.attempt == 1 && task.log.is_empty() {
+        return;
+    }
     let (outcome, status, error) = match result {
         Ok(status) => ("succeeded", Some(*status), None),
         Err(AttemptError::Expired { .. }) => return,

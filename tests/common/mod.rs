@@ -95,6 +95,21 @@ pub fn unique_id(prefix: &str) -> String {
     )
 }
 
+/// Runs the `chime` binary to completion with `args` (and no `CHIME_DATABASE_URL` from the
+/// test's environment): whether it succeeded, its stdout and its stderr.
+pub fn run_chime(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_chime"))
+        .args(args)
+        .env_remove("CHIME_DATABASE_URL")
+        .output()
+        .expect("run chime");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A minimal valid job body with an HTTP callback.
 pub fn http_job(schedule: &str, url: &str) -> Value {
     json!({"schedule": schedule, "callback": {"http": {"url": url}}})
